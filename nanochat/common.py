@@ -1,0 +1,123 @@
+"""Small shared utilities: where artifacts live, logging, devices, atomic writes.
+
+Nothing here knows about models, Ray or DeepSpeed; every other module may import it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+
+
+class NanochatError(Exception):
+    """An error whose message already tells the user what went wrong and how to fix it.
+
+    The CLI prints these without a traceback and exits with status 2.
+    """
+
+
+_LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def base_dir() -> Path:
+    """Root of every artifact: ``$NANOCHAT_BASE_DIR`` or ``~/.cache/nanochat``."""
+    root = os.environ.get("NANOCHAT_BASE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "nanochat")
+    path = Path(root)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def get_logger(name: str) -> logging.Logger:
+    """A logger that prints concise lines to stderr (configured once per process)."""
+    root = logging.getLogger("nanochat")
+    if not root.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter(_LOG_FORMAT, "%H:%M:%S"))
+        root.addHandler(handler)
+        root.setLevel(os.environ.get("NANOCHAT_LOG_LEVEL", "INFO"))
+        root.propagate = False
+    return logging.getLogger(name if name.startswith("nanochat") else f"nanochat.{name}")
+
+
+def autodetect_device() -> torch.device:
+    """CUDA if present, else CPU (MPS is not used: several ops we rely on are slow or missing)."""
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def default_compute_dtype(device: torch.device | str) -> torch.dtype:
+    """bf16 on GPUs that support it, fp32 elsewhere (training on CPU is fp32 for exactness)."""
+    device = torch.device(device)
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+@contextlib.contextmanager
+def atomic_directory(final: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary directory beside ``final``; on success it replaces ``final`` atomically.
+
+    A crash inside the block leaves ``final`` untouched (the last good copy survives) and removes
+    the temporary directory. An existing ``final`` is moved aside first and deleted only after the
+    new one is in place, so there is no moment without a complete copy on disk.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    try:
+        yield tmp
+        _fsync_dir_tree(tmp)
+        old = None
+        if final.exists():
+            old = final.parent / f".{final.name}.old-{os.getpid()}"
+            if old.exists():
+                shutil.rmtree(old)
+            os.rename(final, old)
+        os.rename(tmp, final)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temp file + rename, so readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def _fsync_dir_tree(root: Path) -> None:
+    for p in root.rglob("*"):
+        if p.is_file():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+
+
+def print0(*args, **kwargs) -> None:
+    """Print only on rank 0 of a distributed job (or always, outside one)."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(*args, **kwargs, flush=True)

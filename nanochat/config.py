@@ -1,0 +1,209 @@
+"""The one configuration system: pydantic models, YAML presets, ``--set key=value`` overrides.
+
+A *preset* (``nanochat/presets/<name>.yaml``) is a complete run description: tokenizer, model,
+data, one training section per stage, Ray resources, evaluation and serving. Every command
+loads a preset and applies overrides; invalid values fail here, before any worker starts, with
+the field name and the allowed values.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from nanochat.common import NanochatError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+PRESET_DIR = Path(__file__).parent / "presets"
+
+
+class ConfigError(NanochatError, ValueError):
+    """A configuration value is invalid; the message names the field and what is allowed."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class TokenizerSettings(_Strict):
+    vocab_size: int = Field(65536, ge=256 + 9 + 1, description="total vocab incl. the 9 special tokens")
+    max_chars: int = Field(2_000_000_000, ge=1, description="stop training after this many characters")
+    doc_cap: int = Field(10_000, ge=1, description="truncate each document to this many characters")
+
+
+class ModelSettings(_Strict):
+    depth: int = Field(20, ge=1, description="n_layer; width = depth * aspect_ratio")
+    aspect_ratio: int = Field(64, ge=1)
+    head_dim: int = Field(128, ge=8)
+    n_kv_head: int | None = Field(None, description="GQA key/value heads (default: = n_head)")
+    sequence_len: int = Field(2048, ge=8)
+    rope_base: float = 10000.0
+    logit_softcap: float = 15.0
+
+
+class DataSettings(_Strict):
+    source: Literal["builtin", "fineweb-edu", "climbmix"] = "builtin"
+    num_shards: int = Field(-1, description="train shards to download (-1: all); the val shard is always added")
+    packing: Literal["bestfit", "stream"] = "bestfit"
+    seed: int = 42
+    tokenizer_threads: int = Field(1, ge=1)
+
+
+class TrainSettings(_Strict):
+    """One training stage (pretrain, midtrain or sft) on the shared loop."""
+
+    device_batch_size: int = Field(32, ge=1, description="rows per worker per micro-step")
+    total_batch_size: int = Field(524_288, ge=1, description="tokens per optimizer step (all workers)")
+    num_iterations: int = Field(-1, description="optimizer steps; -1 = derive from the horizon below")
+    target_param_data_ratio: float = Field(20.0, description="tokens = ratio x params when num_iterations=-1")
+    num_epochs: float = Field(1.0, gt=0, description="mid/sft: passes over the mixture when num_iterations=-1")
+    optimizer: Literal["muon_adamw", "adamw", "deepspeed_adamw"] = "muon_adamw"
+    zero_stage: Literal[0, 1, 2, 3] = 0
+    offload_optimizer: bool = False
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    embedding_lr: float = 0.2
+    unembedding_lr: float = 0.004
+    matrix_lr: float = 0.02
+    adamw_lr: float = Field(3e-3, description="lr of every parameter with optimizer=adamw|deepspeed_adamw")
+    weight_decay: float = 0.0
+    init_lr_frac: float = Field(1.0, gt=0, description="multiplier on every initial LR (SFT uses 0.02)")
+    warmup_ratio: float = Field(0.0, ge=0, le=1)
+    warmdown_ratio: float = Field(0.2, ge=0, le=1)
+    final_lr_frac: float = Field(0.0, ge=0, le=1)
+    grad_clip: float = Field(1.0, ge=0, description="0 disables clipping")
+    eval_every: int = Field(250, description="val bpb/loss every N steps (-1: only at the end)")
+    eval_tokens: int = Field(20 * 524_288, ge=1)
+    sample_every: int = Field(2000, description="greedy samples every N steps (-1: only at the end)")
+    save_every: int = Field(-1, description="checkpoint every N steps (-1: only at the end)")
+    report_every: int = Field(10, ge=1, description="ray.train.report / log line every N steps")
+
+    @model_validator(mode="after")
+    def _check_optimizer_zero(self) -> TrainSettings:
+        # Muon needs whole matrices for its orthogonalization: ZeRO-3 shards parameters, so the
+        # per-matrix Newton-Schulz step would see fragments. Refuse that combination up front.
+        if self.optimizer == "muon_adamw" and self.zero_stage == 3:
+            raise ValueError(
+                "optimizer=muon_adamw does not compose with zero_stage=3 (ZeRO-3 shards each matrix, "
+                "Muon orthogonalizes whole matrices); use zero_stage 0, 1 or 2, or optimizer=adamw"
+            )
+        if self.offload_optimizer and self.zero_stage < 2:
+            raise ValueError("offload_optimizer=true needs zero_stage 2 or 3")
+        if self.offload_optimizer and self.optimizer == "muon_adamw":
+            raise ValueError("offload_optimizer=true needs optimizer=adamw or deepspeed_adamw")
+        return self
+
+
+class RaySettings(_Strict):
+    num_workers: int = Field(1, ge=1)
+    use_gpu: bool | None = Field(None, description="None = use GPUs when the cluster has them")
+    cpus_per_worker: float = Field(1.0, gt=0)
+    max_failures: int = Field(0, ge=-1)
+    storage_path: str | None = Field(None, description="local dir or pyarrow URI (s3://, gs://); default $BASE/ray_results")
+    num_cpus: int | None = Field(None, description="logical CPUs for the embedded local Ray (default: max(4, 2*cores))")
+
+
+class EvalSettings(_Strict):
+    core_max_per_task: int = Field(500, description="-1 = all examples")
+    chat_max_problems: int = Field(-1)
+    num_actors: int = Field(1, ge=1)
+    batch_size: int = Field(8, ge=1)
+    max_new_tokens: int = Field(512, ge=1)
+
+
+class ServeSettings(_Strict):
+    host: str = "127.0.0.1"
+    port: int = 8000
+    min_replicas: int = 1
+    max_replicas: int = 1
+    max_batch_size: int = 16
+    max_new_tokens: int = 512
+    temperature: float = 0.8
+    top_k: int = 50
+
+
+class Preset(_Strict):
+    name: str = "custom"
+    description: str = ""
+    tokenizer: TokenizerSettings = TokenizerSettings()
+    model: ModelSettings = ModelSettings()
+    data: DataSettings = DataSettings()
+    pretrain: TrainSettings = TrainSettings()
+    midtrain: TrainSettings = TrainSettings(init_lr_frac=1.0, warmdown_ratio=0.2, eval_every=150)
+    sft: TrainSettings = TrainSettings(
+        init_lr_frac=0.02, warmdown_ratio=1.0, device_batch_size=4, total_batch_size=4 * 2048 * 8
+    )
+    ray: RaySettings = RaySettings()
+    eval: EvalSettings = EvalSettings()
+    serve: ServeSettings = ServeSettings()
+
+    @property
+    def n_embd(self) -> int:
+        return model_dim_for_depth(self.model.depth, self.model.aspect_ratio, self.model.head_dim)
+
+
+def model_dim_for_depth(depth: int, aspect_ratio: int = 64, head_dim: int = 128) -> int:
+    """nanochat's depth dial: width = depth * aspect_ratio, rounded up to a whole number of heads."""
+    raw = depth * aspect_ratio
+    return math.ceil(raw / head_dim) * head_dim
+
+
+def available_presets() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def _parse_value(raw: str) -> Any:
+    """CLI override values are YAML scalars: ``3``, ``1e-3``, ``true``, ``null``, ``[1,2]``."""
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for key in keys[:-1]:
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {dotted}: '{key}' is a value, not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    lines = [f"invalid configuration ({source}):"]
+    for e in err.errors():
+        field = ".".join(str(p) for p in e["loc"]) or "(root)"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown field (check the spelling; `nanochat config show` lists every field)"
+        lines.append(f"  {field}: {msg} (got {e.get('input')!r})")
+    return "\n".join(lines)
+
+
+def load_preset(name_or_path: str = "tiny", overrides: list[str] | None = None) -> Preset:
+    """Load a preset by name (``tiny``, ``d20`` …) or YAML path and apply ``key=value`` overrides."""
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = PRESET_DIR / f"{name_or_path}.yaml"
+    if not path.exists():
+        raise ConfigError(
+            f"unknown preset '{name_or_path}': choose one of {available_presets()} or pass a YAML file path"
+        )
+    tree = yaml.safe_load(path.read_text()) or {}
+    tree.setdefault("name", path.stem)
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"--set expects key=value (e.g. pretrain.matrix_lr=0.01), got '{item}'")
+        key, raw = item.split("=", 1)
+        _set_dotted(tree, key.strip(), _parse_value(raw.strip()))
+    try:
+        return Preset.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err, str(path))) from None
+
+
+def dump_preset(preset: Preset) -> str:
+    return yaml.safe_dump(preset.model_dump(mode="json"), sort_keys=False)
