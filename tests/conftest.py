@@ -1,0 +1,84 @@
+"""Shared test fixtures: an isolated artifact dir, tiny tokenizer/model, one local Ray per session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# Fast, quiet, CPU-only defaults for every test process (and the Ray workers they start).
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "torch_extensions"))
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+FIXTURES = SHARED / "fixtures"
+
+TINY_TEXTS = [
+    "The quick brown fox jumps over the lazy dog. " * 5,
+    "To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer. " * 3,
+    "In the beginning God created the heaven and the earth. And the earth was without form. " * 3,
+    "def add(a, b):\n    return a + b\n\nprint(add(2, 3))\n" * 4,
+    "Numbers 12345 67890 3.14159 and 2024-11-28 appear here. " * 4,
+    "日本語のテキストと中文文本, 한국어 텍스트, émojis 🎉🚀 and accents café naïve. " * 3,
+]
+
+
+@pytest.fixture
+def base_dir(tmp_path, monkeypatch) -> Path:
+    """A fresh $NANOCHAT_BASE_DIR for one test."""
+    d = tmp_path / "nanochat_base"
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(d))
+    return d
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    """A real BPE tokenizer trained in-process on a few texts (256 bytes + 9 specials + ~120 merges)."""
+    from nanochat.tokenizer import Tokenizer
+
+    return Tokenizer.train_from_iterator(TINY_TEXTS * 4, vocab_size=256 + 9 + 119)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_factory(tiny_tokenizer):
+    """Build a small randomly initialized GPT (non-zero head so outputs are not trivial)."""
+    import torch
+
+    from nanochat.model import GPTConfig, build_model
+
+    def make(seed: int = 0, n_layer: int = 2, n_embd: int = 64, n_head: int = 4, n_kv_head: int = 4, seq: int = 128):
+        torch.manual_seed(seed)
+        config = GPTConfig(
+            sequence_len=seq,
+            vocab_size=tiny_tokenizer.vocab_size,
+            n_layer=n_layer,
+            n_head=n_head,
+            n_kv_head=n_kv_head,
+            n_embd=n_embd,
+        )
+        model = build_model(config)
+        with torch.no_grad():  # the reference init zeroes the head; give it signal for tests
+            for p in model.parameters():
+                if p.dim() == 2 and p.abs().sum() == 0:
+                    p.normal_(0, 0.05)
+        model.eval()
+        return model
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One embedded local Ray shared by every test that needs it (start-up is ~5 s, ~1 GB)."""
+    import ray
+
+    from nanochat.ray_utils import init_ray
+
+    if os.environ.get("RAY_ADDRESS"):
+        pytest.skip("tests start their own local Ray; unset RAY_ADDRESS")
+    init_ray(num_cpus=4)
+    yield ray
+    ray.shutdown()
