@@ -1,0 +1,196 @@
+"""GPT: parity with nanochat's DEC model, its state-dict names, KV-cache decoding, accounting, padding."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+from nanochat.model import GPT, GPTConfig, build_model, config_for_depth
+
+# Same location as conftest.FIXTURES (the shared fixtures next to the repository).
+PARITY = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "parity" / "nanochat-dec-tiny"
+
+
+@pytest.fixture(scope="module")
+def parity():
+    spec = json.loads(PARITY.with_suffix(".json").read_text())
+    tensors = load_file(str(PARITY.with_suffix(".safetensors")))
+    weights = {k: v for k, v in tensors.items() if not k.startswith("fixture.")}
+    fixture = {k.removeprefix("fixture."): v for k, v in tensors.items() if k.startswith("fixture.")}
+    config = GPTConfig(**spec["config"])
+    model = build_model(config, init=False)
+    model.load_state_dict(weights, strict=True)
+    model.eval()
+    return model, weights, fixture
+
+
+def test_logits_match_nanochat_reference(parity):
+    model, _, fx = parity
+    with torch.no_grad():
+        logits = model(fx["input_ids"])
+    assert logits.shape == fx["expected_logits"].shape
+    assert (logits - fx["expected_logits"]).abs().max().item() < 1e-4
+
+
+def test_loss_matches_nanochat_reference(parity):
+    model, _, fx = parity
+    with torch.no_grad():
+        loss = model(fx["input_ids"], targets=fx["targets"])
+    assert abs(loss.item() - fx["expected_loss"].item()) < 1e-5
+
+
+def test_parameter_names_equal_nanochat_state_dict_keys(parity):
+    model, weights, _ = parity
+    assert set(model.state_dict()) == set(weights)
+    expected = {"transformer.wte.weight", "lm_head.weight"}
+    for i in range(model.config.n_layer):
+        expected |= {f"transformer.h.{i}.attn.c_{n}.weight" for n in ("q", "k", "v", "proj")}
+        expected |= {f"transformer.h.{i}.mlp.c_fc.weight", f"transformer.h.{i}.mlp.c_proj.weight"}
+    assert set(model.state_dict()) == expected
+
+
+def test_rotary_tables_are_bf16_rounded_only_when_asked():
+    exact = build_model(
+        GPTConfig(
+            sequence_len=16, vocab_size=64, n_layer=1, n_head=2, n_kv_head=2, n_embd=32, rotary_bf16=False
+        )
+    )
+    rounded = build_model(
+        GPTConfig(sequence_len=16, vocab_size=64, n_layer=1, n_head=2, n_kv_head=2, n_embd=32)
+    )
+    assert rounded.cos.dtype == torch.bfloat16
+    assert exact.cos.dtype == torch.float32
+    assert torch.allclose(rounded.cos.float(), exact.cos, atol=4e-3)
+    assert rounded.cos.shape[0] == 16 * 10  # rotary cache covers 10x the context
+
+
+def test_loss_ignores_targets_equal_to_minus_one(tiny_model_factory):
+    model = tiny_model_factory()
+    idx = torch.randint(0, model.config.vocab_size, (2, 12))
+    targets = torch.randint(0, model.config.vocab_size, (2, 12))
+    targets[:, :5] = -1
+    with torch.no_grad():
+        loss = model(idx, targets=targets)
+        logits = model(idx)
+    keep = targets != -1
+    expected = F.cross_entropy(logits[keep], targets[keep])
+    assert torch.allclose(loss, expected, atol=1e-6)
+
+
+def test_logits_are_softcapped_at_15(tiny_model_factory):
+    model = tiny_model_factory()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(1000.0)
+        logits = model(torch.randint(0, model.config.vocab_size, (1, 8)))
+    assert logits.dtype == torch.float32
+    assert logits.abs().max().item() <= 15.0
+
+
+# ---- KV cache ----------------------------------------------------------------------------------
+
+
+def _full_logits(model: GPT, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(ids)
+
+
+@pytest.mark.parametrize("n_kv_head", [4, 2])
+def test_kv_cache_incremental_decode_equals_full_forward(tiny_model_factory, n_kv_head):
+    model = tiny_model_factory(n_kv_head=n_kv_head)
+    torch.manual_seed(1)
+    ids = torch.randint(0, model.config.vocab_size, (2, 20))
+    full = _full_logits(model, ids)
+    cache = model.new_kv_cache(batch=2, max_len=32)
+    with torch.no_grad():
+        prefill = model(ids[:, :8], kv_cache=cache)
+        steps = [model(ids[:, t : t + 1], kv_cache=cache) for t in range(8, 20)]
+    incremental = torch.cat([prefill, *steps], dim=1)
+    assert (incremental - full).abs().max().item() < 1e-4
+    assert cache.seqlens.tolist() == [20, 20]
+
+
+def test_kv_cache_rows_with_different_lengths_decode_together(tiny_model_factory):
+    """Continuous batching: sequences prefilled separately into slots, then one shared decode step."""
+    model = tiny_model_factory(n_kv_head=2)
+    torch.manual_seed(2)
+    a = torch.randint(0, model.config.vocab_size, (1, 6))
+    b = torch.randint(0, model.config.vocab_size, (1, 11))
+    nxt = torch.randint(0, model.config.vocab_size, (2, 1))
+    cache = model.new_kv_cache(batch=2, max_len=32)
+    with torch.no_grad():
+        model(a, kv_cache=cache.rows(0, 1))
+        model(b, kv_cache=cache.rows(1, 2))
+        assert cache.seqlens.tolist() == [6, 11]
+        step = model(nxt, kv_cache=cache)
+    want_a = _full_logits(model, torch.cat([a, nxt[:1]], 1))[:, -1]
+    want_b = _full_logits(model, torch.cat([b, nxt[1:]], 1))[:, -1]
+    assert (step[0, -1] - want_a[0]).abs().max().item() < 1e-4
+    assert (step[1, -1] - want_b[0]).abs().max().item() < 1e-4
+
+
+def test_kv_cache_overflow_is_an_error(tiny_model_factory):
+    model = tiny_model_factory()
+    cache = model.new_kv_cache(batch=1, max_len=4)
+    with torch.no_grad(), pytest.raises(ValueError, match="KV cache overflow"):
+        model(torch.zeros(1, 5, dtype=torch.long), kv_cache=cache)
+
+
+# ---- accounting, depth dial, padding ----------------------------------------------------------
+
+
+def _meta_model(config: GPTConfig) -> GPT:
+    with torch.device("meta"):
+        return GPT(config)
+
+
+@pytest.mark.parametrize(
+    "depth, n_params, flops",
+    [(20, 560_988_160, 3.49e9), (32, 1_879_048_192, 1.208e10)],
+)
+def test_param_count_and_flops_match_reference_formulas(depth, n_params, flops):
+    config = config_for_depth(depth, vocab_size=65536)
+    model = _meta_model(config)
+    d, L, V = config.n_embd, config.n_layer, config.vocab_size
+    assert model.num_params() == 2 * V * d + 12 * L * d * d == n_params
+    assert model.estimate_flops() == pytest.approx(flops, rel=5e-3)
+
+
+@pytest.mark.parametrize(
+    "depth, width, heads", [(12, 768, 6), (20, 1280, 10), (26, 1664, 13), (32, 2048, 16)]
+)
+def test_depth_dial_sets_width_and_heads(depth, width, heads):
+    config = config_for_depth(depth, vocab_size=32768)
+    assert (config.n_layer, config.n_embd, config.n_head, config.head_dim) == (depth, width, heads, 128)
+    assert config.n_kv_head == heads
+
+
+def test_vocab_is_padded_to_64_and_logits_sliced_back():
+    config = GPTConfig(sequence_len=16, vocab_size=300, n_layer=1, n_head=2, n_kv_head=2, n_embd=32)
+    model = build_model(config)
+    assert config.padded_vocab_size == 320
+    assert model.transformer.wte.weight.shape == (320, 32)
+    assert model.lm_head.weight.shape == (320, 32)
+    with torch.no_grad():
+        assert model(torch.zeros(1, 4, dtype=torch.long)).shape == (1, 4, 300)
+
+
+def test_reference_init_zeroes_head_and_residual_projections():
+    model = build_model(
+        GPTConfig(sequence_len=16, vocab_size=64, n_layer=2, n_head=2, n_kv_head=2, n_embd=32)
+    )
+    assert model.lm_head.weight.abs().sum() == 0
+    for block in model.transformer.h:
+        assert block.attn.c_proj.weight.abs().sum() == 0
+        assert block.mlp.c_proj.weight.abs().sum() == 0
+        assert block.attn.c_q.weight.std().item() == pytest.approx(32**-0.5, rel=0.2)
+    assert model.transformer.wte.weight.std().item() == pytest.approx(1.0, rel=0.2)
+
+
+def test_invalid_head_layout_is_rejected():
+    with pytest.raises(ValueError, match="n_head"):
+        build_model(GPTConfig(sequence_len=16, vocab_size=64, n_layer=1, n_head=4, n_kv_head=3, n_embd=32))
