@@ -13,8 +13,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from nanochat.common import NanochatError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from nanochat.common import NanochatError
 
 PRESET_DIR = Path(__file__).parent / "presets"
 
@@ -78,15 +79,18 @@ class TrainSettings(_Strict):
     sample_every: int = Field(2000, description="greedy samples every N steps (-1: only at the end)")
     save_every: int = Field(-1, description="checkpoint every N steps (-1: only at the end)")
     report_every: int = Field(10, ge=1, description="ray.train.report / log line every N steps")
+    seed: int = Field(42, description="model init seed (pretrain) and per-step RNG")
+    mfu_peak_flops: float | None = Field(None, description="per-worker peak FLOP/s for MFU (default: table/measured)")
 
     @model_validator(mode="after")
     def _check_optimizer_zero(self) -> TrainSettings:
         # Muon needs whole matrices for its orthogonalization: ZeRO-3 shards parameters, so the
         # per-matrix Newton-Schulz step would see fragments. Refuse that combination up front.
-        if self.optimizer == "muon_adamw" and self.zero_stage == 3:
+        if self.optimizer == "muon_adamw" and self.zero_stage != 0:
             raise ValueError(
-                "optimizer=muon_adamw does not compose with zero_stage=3 (ZeRO-3 shards each matrix, "
-                "Muon orthogonalizes whole matrices); use zero_stage 0, 1 or 2, or optimizer=adamw"
+                f"optimizer=muon_adamw does not compose with zero_stage={self.zero_stage} (Muon orthogonalizes "
+                "whole matrices; ZeRO-1/2 hand the optimizer flat partitions and ZeRO-3 shards the matrices "
+                "themselves): use zero_stage=0 with muon_adamw, or optimizer=adamw|deepspeed_adamw with ZeRO 1/2/3"
             )
         if self.offload_optimizer and self.zero_stage < 2:
             raise ValueError("offload_optimizer=true needs zero_stage 2 or 3")
@@ -121,6 +125,38 @@ class ServeSettings(_Strict):
     max_new_tokens: int = 512
     temperature: float = 0.8
     top_k: int = 50
+    api_key: str | None = Field(None, description="require 'Authorization: Bearer <key>' (env NANOCHAT_API_KEY)")
+    max_waiting: int = Field(64, ge=1, description="sequences queued beyond the batch before 429s")
+    target_ongoing_requests: float = Field(12.0, gt=0, description="autoscaling target per replica")
+    max_ongoing_requests: int = Field(64, ge=1, description="requests Serve sends one replica at once")
+    max_queued_requests: int = Field(256, description="requests Serve queues before 503s (-1: no limit)")
+    upscale_delay_s: float = Field(10.0, ge=0)
+    downscale_delay_s: float = Field(60.0, ge=0)
+    num_gpus: float | None = Field(None, ge=0, description="GPUs per replica (None: 1 when the cluster has GPUs)")
+
+
+class MixturePart(_Strict):
+    """Rows per source in one stage's conversation mixture (-1 = all rows of that source, 0 = none)."""
+
+    chat: int = Field(-1, ge=-1, description="SmolTalk (hub) or chatterbot-corpus (builtin) conversations")
+    mmlu: int = Field(0, ge=-1, description="MMLU train-side rows (hub: auxiliary_train; builtin: dev+validation)")
+    arc: int = Field(0, ge=-1, description="ARC-Easy + ARC-Challenge train-side rows each (hub: train; builtin: validation)")
+    gsm8k: int = Field(-1, ge=-1, description="GSM8K train-side rows (hub: train; builtin: test[:819])")
+    identity_epochs: int = Field(1, ge=0, description="passes over the identity conversations")
+    simple_spelling: int = Field(0, ge=0)
+    spelling_bee: int = Field(0, ge=0)
+
+
+class MixtureSettings(_Strict):
+    """Conversation mixtures for mid-training and SFT (see docs/conversation-data.md)."""
+
+    source: Literal["builtin", "hub"] = Field("builtin", description="builtin: offline registry data; hub: HF downloads")
+    seed: int = 42
+    mid: MixturePart = MixturePart(chat=-1, mmlu=-1, gsm8k=-1, identity_epochs=2, simple_spelling=200_000,
+                                   spelling_bee=80_000)
+    sft: MixturePart = MixturePart(chat=10_000, arc=-1, gsm8k=-1, identity_epochs=1, simple_spelling=300,
+                                   spelling_bee=300)
+    val_max: int = Field(5000, ge=-1, description="cap on validation conversations per stage (-1 = all)")
 
 
 class Preset(_Strict):
@@ -137,6 +173,7 @@ class Preset(_Strict):
     ray: RaySettings = RaySettings()
     eval: EvalSettings = EvalSettings()
     serve: ServeSettings = ServeSettings()
+    mixture: MixtureSettings = MixtureSettings()
 
     @property
     def n_embd(self) -> int:
