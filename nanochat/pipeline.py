@@ -24,46 +24,58 @@ log = get_logger(__name__)
 class Stage:
     name: str
     description: str
-    run: Callable[[Preset, str], dict | None]
+    run: Callable[[Preset, str, bool], dict | None]  # (preset, tag, fresh)
 
 
-def _prepare_data(preset: Preset, tag: str) -> dict:
+def _prepare_data(preset: Preset, tag: str, fresh: bool) -> dict:
     from nanochat.data.pretrain_data import prepare
 
-    return _as_dict(prepare(preset))
+    return {"data_dir": str(prepare(preset.data.source, preset.data.num_shards, seed=preset.data.seed))}
 
 
-def _train_tokenizer(preset: Preset, tag: str) -> dict:
+def _train_tokenizer(preset: Preset, tag: str, fresh: bool) -> dict:
     from nanochat.commands.tok import train_tokenizer
 
     return _as_dict(train_tokenizer(preset))
 
 
-def _eval_tokenizer(preset: Preset, tag: str) -> dict:
+def _eval_tokenizer(preset: Preset, tag: str, fresh: bool) -> dict:
     from nanochat.commands.tok import evaluate_tokenizer
 
     return _as_dict(evaluate_tokenizer())
 
 
-def _train(stage: str) -> Callable[[Preset, str], dict]:
-    def run(preset: Preset, tag: str) -> dict:
+def _train(stage: str) -> Callable[[Preset, str, bool], dict]:
+    def run(preset: Preset, tag: str, fresh: bool) -> dict:
         from nanochat.train.trainer import train_stage
 
-        return _as_dict(train_stage(stage, preset, tag=tag))
+        # A stage rerun on request starts over; an unfinished one resumes from its latest checkpoint.
+        return _as_dict(train_stage(stage, preset, tag=tag, restart=fresh))
 
     return run
 
 
-def _evaluate(kind: str, stage: str) -> Callable[[Preset, str], dict]:
-    def run(preset: Preset, tag: str) -> dict:
-        from nanochat.eval.runner import run_eval
+def _base_eval(preset: Preset, tag: str, fresh: bool) -> dict:
+    from nanochat.checkpoint import find_latest
+    from nanochat.eval.runner import run_base_eval
 
-        return _as_dict(run_eval(kind, checkpoint=stage, preset=preset))
+    ev = preset.eval
+    out = run_base_eval(find_latest("base", tag), max_per_task=ev.core_max_per_task, num_actors=ev.num_actors,
+                        bpb_source=preset.data.source, bpb_tokens=preset.pretrain.eval_tokens)
+    return {"core": out["core"].get("core"), "core_label": out["core"].get("label"), "bpb": out.get("bpb")}
 
-    return run
+
+def _chat_eval(preset: Preset, tag: str, fresh: bool) -> dict:
+    from nanochat.checkpoint import find_latest
+    from nanochat.eval.runner import run_chat_eval
+
+    ev = preset.eval
+    out = run_chat_eval(find_latest("sft", tag), max_problems=ev.chat_max_problems, num_actors=ev.num_actors,
+                        max_new_tokens=ev.max_new_tokens, batch_size=ev.batch_size, source=preset.mixture.source)
+    return {"chatcore": out.get("chatcore"), "tasks": {k: v["accuracy"] for k, v in out["tasks"].items()}}
 
 
-def _report(preset: Preset, tag: str) -> dict:
+def _report(preset: Preset, tag: str, fresh: bool) -> dict:
     from nanochat.report import build_report
 
     return {"report": str(build_report())}
@@ -74,10 +86,10 @@ STAGES: list[Stage] = [
     Stage("tokenizer", "train the BPE tokenizer", _train_tokenizer),
     Stage("tok_eval", "tokenizer compression table", _eval_tokenizer),
     Stage("pretrain", "pretrain the base model", _train("pretrain")),
-    Stage("base_eval", "CORE + bpb of the base model", _evaluate("base", "base")),
+    Stage("base_eval", "CORE + bpb of the base model", _base_eval),
     Stage("midtrain", "mid-train on conversations", _train("midtrain")),
     Stage("sft", "supervised fine-tuning", _train("sft")),
-    Stage("chat_eval", "chat evaluations of the SFT model", _evaluate("chat", "sft")),
+    Stage("chat_eval", "chat evaluations of the SFT model", _chat_eval),
     Stage("report", "build report.md", _report),
 ]
 STAGE_NAMES = [s.name for s in STAGES]
@@ -140,10 +152,8 @@ def run_pipeline(
         if name is not None and name not in STAGE_NAMES:
             raise NanochatError(f"unknown stage '{name}': choose one of {STAGE_NAMES}")
     state = RunState(run_state_path(preset))
-    if force:
-        state.reset(STAGE_NAMES)
-    elif from_stage:
-        state.reset(STAGE_NAMES[STAGE_NAMES.index(from_stage) :])
+    rerun = STAGE_NAMES if force else STAGE_NAMES[STAGE_NAMES.index(from_stage) :] if from_stage else []
+    state.reset(rerun)
     tag = f"d{preset.model.depth}"
     total = len(STAGES)
     for i, stage in enumerate(STAGES, 1):
@@ -154,7 +164,7 @@ def run_pipeline(
             state.mark(stage.name, "running")
             t0 = time.time()
             try:
-                info = stage.run(preset, tag) or {}
+                info = stage.run(preset, tag, stage.name in rerun) or {}
             except BaseException as exc:
                 state.mark(stage.name, "failed", error=f"{type(exc).__name__}: {exc}", seconds=round(time.time() - t0, 1))
                 raise

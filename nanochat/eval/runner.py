@@ -41,8 +41,11 @@ def _select(available: list[str], wanted: list[str] | None, what: str) -> list[s
 
 def run_base_eval(checkpoint: str | Path, tasks: list[str] | None = None, max_per_task: int = -1,
                   num_actors: int = 1, data: str = "auto", out_dir: Path | None = None,
-                  fail_once_path: str | None = None) -> dict[str, Any]:
-    """CORE on ``checkpoint``; tasks absent from the data are reported missing, CORE labelled partial."""
+                  fail_once_path: str | None = None, bpb_source: str | None = None,
+                  bpb_tokens: int = 65536) -> dict[str, Any]:
+    """CORE on ``checkpoint``; tasks absent from the data are reported missing, CORE labelled partial.
+
+    With ``bpb_source`` (a pretraining data source) also bits per byte on its train and val shards."""
     bundle = core_data.resolve_bundle(data)
     specs = {t.label: t for t in core.load_bundle_tasks(bundle)}
     names = [n for n in core.CORE_TASK_NAMES if n in specs] + [n for n in specs if n not in core.CORE_TASK_NAMES]
@@ -68,7 +71,29 @@ def run_base_eval(checkpoint: str | Path, tasks: list[str] | None = None, max_pe
     summary["missing"] = {n: missing[n] for n in summary["missing"]}
     out = {"kind": "base", "checkpoint": str(checkpoint), "data": str(bundle), "max_per_task": max_per_task,
            "num_actors": num_actors, "tasks": results, "core": summary, "seconds": time.time() - started}
+    if bpb_source:
+        out["bpb"] = split_bpb(checkpoint, bpb_source, bpb_tokens)
+        out["seconds"] = time.time() - started
     atomic_write_text(out_dir / "results.json", json.dumps(out, indent=2))
+    return out
+
+
+def split_bpb(checkpoint: str | Path, source: str, max_tokens: int = 65536) -> dict[str, float]:
+    """``{"train": bpb, "val": bpb}`` of a checkpoint on the first shard of each split."""
+    import pyarrow.parquet as pq
+
+    from nanochat.checkpoint import load_checkpoint
+    from nanochat.common import autodetect_device
+    from nanochat.data.pretrain_data import list_shards
+    from nanochat.eval.bpb import evaluate_bpb
+
+    device = str(autodetect_device())
+    ckpt = load_checkpoint(checkpoint, device=device)
+    out = {}
+    for split in ("train", "val"):
+        texts = pq.read_table(list_shards(source, split)[0], columns=["text"])["text"].to_pylist()
+        out[split] = evaluate_bpb(ckpt.model, ckpt.tokenizer, texts, max_tokens, device=device)["bpb"]
+        log.info("%s bpb: %.4f", split, out[split])
     return out
 
 

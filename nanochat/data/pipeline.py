@@ -1,0 +1,301 @@
+"""The pretraining input pipeline on Ray Data: parquet shards → tokens → packed training rows.
+
+``read_parquet`` (small blocks) → one ``map_batches`` stage on an actor pool whose class UDF loads
+the tokenizer once per actor, prepends BOS to every document and packs each batch of documents
+into rows of ``T+1`` tokens → rows ``{"inputs": int32[T], "targets": int64[T]}`` (targets are
+the inputs shifted by one). Packing follows nanochat: ``bestfit`` (default) fills each row with
+the largest whole documents that fit and crops the shortest one to fill the rest, so every row
+starts with BOS and nothing is padded; ``stream`` concatenates documents and cuts windows. The
+packing buffer is one batch of ``pack_buffer`` documents (nanochat keeps a rolling 1000).
+
+Determinism: ordering is preserved (``preserve_order``) and every stage is a pure function of its
+batch, so the same preset gives the same rows in the same order on every run. Epoch ``e > 0``
+visits the train files in an order permuted by ``data.seed + e``.
+
+On a 2-core machine this streams and never starves the trainer: blocks are capped at
+``target_max_block_size`` (256 KiB) so Train's equal split can hand out the first batch long
+before the read ends, and every data task/actor asks for a fraction of a CPU (the embedded Ray
+also overcommits logical CPUs; see ``nanochat.ray_utils``).
+
+Consumption inside ``TorchTrainer`` (each worker gets a disjoint streaming split)::
+
+    train_ds, val_ds = build_pretrain_datasets(preset, num_epochs=-1, skip_rows=rows_done)
+    trainer = TorchTrainer(loop, datasets={"train": train_ds, "val": val_ds},
+                           dataset_config=pretrain_data_config(), ...)
+
+    def loop(config):  # on each worker
+        it = ray.train.get_dataset_shard("train")
+        for batch in it.iter_torch_batches(batch_size=B, dtypes=None, drop_last=True):
+            x, y = batch["inputs"].long(), batch["targets"]   # [B, T] each
+            ...
+
+Each call of ``iter_torch_batches`` on a shard re-runs the pipeline from the start. For more
+rows than one pass gives, build with ``num_epochs=N`` (one stream over N passes) or ``-1``
+(practically endless); to resume, pass ``skip_rows`` = rows already consumed by all workers.
+"""
+
+from __future__ import annotations
+
+import bisect
+import contextlib
+import random
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from nanochat.common import NanochatError, get_logger
+
+log = get_logger(__name__)
+
+MAX_BLOCK_BYTES = 256 * 1024  # small blocks: Train's equal split can stream (ray-on-this-machine #3)
+DATA_CPUS = 0.25  # per read task / actor: Train workers hold whole CPUs (ray-on-this-machine #2)
+# Fractional CPUs alone would let Ray start one worker process per 0.25 CPU (each ~2-5 s of imports
+# on 2 cores); a fixed, small number of concurrent read tasks keeps start-up cheap.
+ENDLESS_EPOCHS = 1000  # "num_epochs=-1": long enough for any run, still a finite file list
+
+
+# ---- packing (pure numpy, unit-tested without Ray) ----------------------------------------------
+
+
+def pack_bestfit(docs: Sequence[Sequence[int]], row_len: int) -> np.ndarray:
+    """nanochat's BOS-aligned best-fit packing of ``docs`` into rows of exactly ``row_len`` tokens.
+
+    Each row is filled by repeatedly taking the longest remaining document that fits whole; when
+    none fits, the shortest remaining one is cropped to fill the row (its tail is discarded).
+    Every row therefore begins with a document start. A last row that cannot be filled is dropped.
+    """
+    order = sorted(range(len(docs)), key=lambda i: (len(docs[i]), i))
+    lengths = [len(docs[i]) for i in order]
+    rows: list[np.ndarray] = []
+    while order:
+        row = np.empty(row_len, dtype=np.int64)
+        filled = 0
+        while filled < row_len and order:
+            room = row_len - filled
+            k = bisect.bisect_right(lengths, room) - 1
+            if k < 0:
+                k = 0  # nothing fits whole: crop the shortest
+            doc = docs[order.pop(k)]
+            lengths.pop(k)
+            take = min(len(doc), room)
+            row[filled : filled + take] = doc[:take]
+            filled += take
+        if filled == row_len:
+            rows.append(row)
+    return np.stack(rows) if rows else np.empty((0, row_len), dtype=np.int64)
+
+
+def pack_stream(docs: Sequence[Sequence[int]], row_len: int) -> np.ndarray:
+    """nanochat's original packing: concatenate documents, cut windows of ``row_len`` tokens.
+
+    Windows overlap by one token (stride ``row_len - 1``) so every token is a target once; rows
+    may start mid-document. The incomplete tail is dropped.
+    """
+    if not docs:
+        return np.empty((0, row_len), dtype=np.int64)
+    flat = np.concatenate([np.asarray(d, dtype=np.int64) for d in docs])
+    stride = row_len - 1
+    n = (len(flat) - 1) // stride
+    if n <= 0:
+        return np.empty((0, row_len), dtype=np.int64)
+    idx = np.arange(n)[:, None] * stride + np.arange(row_len)[None, :]
+    return flat[idx]
+
+
+def rows_to_batch(rows: np.ndarray) -> dict[str, np.ndarray]:
+    """Split ``[N, T+1]`` packed rows into the training contract ``inputs``/``targets`` ``[N, T]``."""
+    return {"inputs": rows[:, :-1].astype(np.int32), "targets": rows[:, 1:].astype(np.int64)}
+
+
+# ---- Ray Data stages ------------------------------------------------------------------------------
+
+
+class TokenizeAndPack:
+    """Class UDF for ``map_batches``: the tiktoken Encoding is loaded once per actor."""
+
+    def __init__(
+        self,
+        tokenizer_dir: str,
+        row_len: int,
+        packing: str = "bestfit",
+        num_threads: int = 1,
+        trace_dir: str | None = None,
+    ):
+        from nanochat.tokenizer import Tokenizer
+
+        self.tokenizer = Tokenizer.load(tokenizer_dir)
+        self.bos = self.tokenizer.get_bos_token_id()
+        self.row_len = row_len
+        self.pack = {"bestfit": pack_bestfit, "stream": pack_stream}[packing]
+        self.num_threads = num_threads
+        self.trace_dir = trace_dir
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self.trace_dir:  # one marker file per batch: lets a test see how far the stream has run
+            import uuid
+
+            Path(self.trace_dir, uuid.uuid4().hex).touch()
+        texts = [str(t) for t in batch["text"]]
+        docs = self.tokenizer.encode(texts, prepend=self.bos, num_threads=self.num_threads) if texts else []
+        return rows_to_batch(self.pack(docs, self.row_len))
+
+
+class SkipRows:
+    """Drop the first ``n`` rows of an ordered stream (single actor: it sees batches in order)."""
+
+    def __init__(self, n: int):
+        self.remaining = n
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self.remaining <= 0:
+            return batch
+        k = min(self.remaining, len(batch["inputs"]))
+        self.remaining -= k
+        return {key: value[k:] for key, value in batch.items()}
+
+
+@contextlib.contextmanager
+def _small_blocks() -> Iterator[None]:
+    """Build datasets under a DataContext with small blocks; each Dataset keeps its own copy."""
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    saved = (ctx.target_max_block_size, ctx.execution_options.preserve_order)
+    ctx.target_max_block_size = MAX_BLOCK_BYTES
+    ctx.execution_options.preserve_order = True
+    try:
+        yield
+    finally:
+        ctx.target_max_block_size, ctx.execution_options.preserve_order = saved
+
+
+def epoch_file_order(files: Sequence[Path], num_epochs: int, seed: int) -> list[str]:
+    """Train files for ``num_epochs`` passes: epoch 0 in shard order, epoch e permuted by seed+e."""
+    out: list[str] = []
+    for epoch in range(num_epochs):
+        order = [str(f) for f in files]
+        if epoch:
+            random.Random(seed + epoch).shuffle(order)
+        out.extend(order)
+    return out
+
+
+def tokenized_dataset(
+    files: Sequence[str],
+    tokenizer_dir: str | Path,
+    row_len: int,
+    *,
+    packing: str = "bestfit",
+    pack_buffer: int = 256,
+    num_actors: int = 1,
+    num_threads: int = 1,
+    skip_rows: int = 0,
+    read_tasks: int = 1,
+    trace_dir: str | None = None,
+):
+    """``read_parquet(files)`` → tokenize + pack on an actor pool (→ skip the first rows)."""
+    import ray.data
+
+    with _small_blocks():
+        ds = ray.data.read_parquet(
+            list(files), columns=["text"], num_cpus=DATA_CPUS, concurrency=read_tasks, file_extensions=None
+        )
+        ds = ds.map_batches(
+            TokenizeAndPack,
+            fn_constructor_kwargs={
+                "tokenizer_dir": str(tokenizer_dir),
+                "row_len": row_len,
+                "packing": packing,
+                "num_threads": num_threads,
+                "trace_dir": trace_dir,
+            },
+            batch_size=pack_buffer,
+            batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=num_actors),
+            num_cpus=DATA_CPUS,
+        )
+        if skip_rows > 0:
+            ds = ds.map_batches(
+                SkipRows,
+                fn_constructor_kwargs={"n": skip_rows},
+                batch_size=None,
+                batch_format="numpy",
+                compute=ray.data.ActorPoolStrategy(size=1),
+                num_cpus=0.1,
+            )
+    return ds
+
+
+def build_pretrain_datasets(
+    preset,
+    tokenizer_dir: str | Path | None = None,
+    *,
+    num_epochs: int = 1,
+    skip_rows: int = 0,
+    val_rows: int | None = None,
+    pack_buffer: int = 256,
+    num_actors: int | None = None,
+    trace_dir: str | None = None,
+):
+    """``(train_ds, val_ds)`` of packed rows ``{"inputs": int32[T], "targets": int64[T]}``.
+
+    ``preset``: a Preset or preset name. ``num_epochs``: passes over the train shards in one
+    stream (-1: practically endless). ``skip_rows``: rows of the train stream to drop first (resume).
+    ``val_rows``: cap on val rows (default: ``pretrain.eval_tokens / T``, rounded up).
+    ``trace_dir``: the train tokenizer writes one marker file per batch there (progress probe). Builtin
+    shards are prepared on demand; the tokenizer must exist (``nanochat tok train``).
+    """
+    from nanochat.config import load_preset
+    from nanochat.data.pretrain_data import ensure_prepared, list_shards
+    from nanochat.tokenizer import Tokenizer, default_tokenizer_dir
+
+    if isinstance(preset, str):
+        preset = load_preset(preset)
+    if num_epochs == 0 or num_epochs < -1:
+        raise NanochatError(f"num_epochs must be >= 1 or -1 (endless), got {num_epochs}")
+    if skip_rows < 0:
+        raise NanochatError(f"skip_rows must be >= 0, got {skip_rows}")
+    data = preset.data
+    tokenizer_dir = Path(tokenizer_dir or default_tokenizer_dir()).resolve()
+    tokenizer = Tokenizer.load(tokenizer_dir)  # fail here, on the driver, with the fix in the message
+    if tokenizer.vocab_size != preset.tokenizer.vocab_size:
+        log.warning("tokenizer in %s has %d ids, preset says %d", tokenizer_dir, tokenizer.vocab_size,
+                    preset.tokenizer.vocab_size)
+    ensure_prepared(data.source, data.num_shards)
+    train_files, val_files = list_shards(data.source, "train"), list_shards(data.source, "val")
+    if data.num_shards > 0:
+        train_files = train_files[: data.num_shards]
+    T = preset.model.sequence_len
+    common = {
+        "tokenizer_dir": tokenizer_dir,
+        "row_len": T + 1,
+        "packing": data.packing,
+        "pack_buffer": pack_buffer,
+        "num_actors": num_actors or 1,
+        "num_threads": data.tokenizer_threads,
+    }
+    epochs = ENDLESS_EPOCHS if num_epochs == -1 else num_epochs
+    train_files = epoch_file_order(train_files, epochs, data.seed)
+    train_ds = tokenized_dataset(train_files, skip_rows=skip_rows, trace_dir=trace_dir, **common)
+    val_ds = tokenized_dataset([str(f) for f in val_files], **common)
+    val_rows = val_rows if val_rows is not None else -(-preset.pretrain.eval_tokens // T)
+    if val_rows > 0:
+        with _small_blocks():
+            val_ds = val_ds.limit(val_rows)
+    return train_ds, val_ds
+
+
+def pretrain_data_config(datasets_to_split="all"):
+    """``ray.train.DataConfig`` that keeps our ordering (Train otherwise resets execution options)."""
+    from ray.data import ExecutionOptions
+    from ray.train import DataConfig
+
+    options = DataConfig.default_ingest_options()
+    options = ExecutionOptions(
+        resource_limits=options.resource_limits,
+        exclude_resources=options.exclude_resources,
+        preserve_order=True,
+        verbose_progress=False,
+    )
+    return DataConfig(datasets_to_split=datasets_to_split, execution_options=options)
