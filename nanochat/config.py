@@ -133,6 +133,7 @@ class ServeSettings(_Strict):
     upscale_delay_s: float = Field(10.0, ge=0)
     downscale_delay_s: float = Field(60.0, ge=0)
     num_gpus: float | None = Field(None, ge=0, description="GPUs per replica (None: 1 when the cluster has GPUs)")
+    stream_interval_ms: float = Field(50.0, ge=0, description="min gap between SSE chunks of one stream after the first")
 
 
 class MixturePart(_Strict):

@@ -51,6 +51,7 @@ def init_ray(num_cpus: int | None = None, quiet: bool = True) -> dict:
         cores = os.cpu_count() or 2
         num_cpus = num_cpus or max(4, 2 * cores)
         ray.init(
+            address="local",  # a new embedded cluster even when a `ray start` cluster runs on this host
             num_cpus=num_cpus,
             include_dashboard=False,
             runtime_env={"env_vars": worker_env()},

@@ -71,14 +71,53 @@ def tiny_model_factory(tiny_tokenizer):
 
 
 @pytest.fixture(scope="session")
-def ray_session():
-    """One embedded local Ray shared by every test that needs it (start-up is ~5 s, ~1 GB)."""
+def ray_session(tmp_path_factory):
+    """One embedded local Ray shared by every test that needs it (start-up is ~5 s, ~1 GB).
+
+    Its workers inherit a session-wide scratch $NANOCHAT_BASE_DIR, never the user's ~/.cache; code that
+    runs in workers gets the real artifact paths passed explicitly.
+    """
     import ray
 
     from nanochat.ray_utils import init_ray
 
     if os.environ.get("RAY_ADDRESS"):
         pytest.skip("tests start their own local Ray; unset RAY_ADDRESS")
-    init_ray(num_cpus=4)
+    saved = os.environ.get("NANOCHAT_BASE_DIR")
+    os.environ["NANOCHAT_BASE_DIR"] = str(tmp_path_factory.mktemp("ray_workers_base"))
+    try:
+        init_ray(num_cpus=4)
+    finally:
+        if saved is None:
+            os.environ.pop("NANOCHAT_BASE_DIR", None)
+        else:
+            os.environ["NANOCHAT_BASE_DIR"] = saved
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def _prepared_tiny_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("prepared_tiny")
+    saved = os.environ.get("NANOCHAT_BASE_DIR")
+    os.environ["NANOCHAT_BASE_DIR"] = str(root)
+    try:
+        from nanochat.commands.tok import train_tokenizer
+        from nanochat.config import load_preset
+        from nanochat.data.pretrain_data import prepare
+
+        prepare("builtin", progress=False)
+        train_tokenizer(load_preset("tiny"), max_chars=3_000_000)
+    finally:
+        if saved is None:
+            os.environ.pop("NANOCHAT_BASE_DIR", None)
+        else:
+            os.environ["NANOCHAT_BASE_DIR"] = saved
+    return root
+
+
+@pytest.fixture
+def prepared_tiny_data(_prepared_tiny_root, monkeypatch) -> Path:
+    """$NANOCHAT_BASE_DIR with the real builtin shards and the tiny preset's tokenizer (built once)."""
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(_prepared_tiny_root))
+    return _prepared_tiny_root

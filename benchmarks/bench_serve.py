@@ -1,0 +1,204 @@
+"""Serving benchmark: continuous batching behind Ray Serve vs one request at a time.
+
+Starts a local Ray Serve with two apps on the same small checkpoint (a fresh random model unless
+``--checkpoint`` is given):
+- ``batched``: our server (continuous batching, up to ``--batch`` sequences per step);
+- ``single``: the same server with ``max_batch_size=1`` — nanochat's chat_web model, where each
+  request holds the model until it finishes and the rest wait.
+For 1, 4 and 16 concurrent streaming clients it measures aggregate output tokens/s and p50/p95
+time to first token (client side, to the first content chunk). It also times the first token of
+a direct in-process ``Engine.generate`` call, to give the TTFT Serve + HTTP + SSE add.
+Prints ONE JSON line. Targets: >= 5x aggregate tokens/s at 16 streams; <= 20 ms added TTFT.
+
+    python benchmarks/bench_serve.py [--checkpoint PATH] [--max-tokens 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+PROMPTS = [
+    "Why is the sky blue?", "Write a haiku about rain.", "What is the capital of France?",
+    "Explain gravity to a child.", "List three prime numbers.", "How do bees make honey?",
+    "Tell me a joke about cats.", "What is photosynthesis?",
+]
+TEXTS = [
+    "The quick brown fox jumps over the lazy dog. " * 20,
+    "To be, or not to be, that is the question. Whether tis nobler in the mind to suffer. " * 10,
+    "In the beginning God created the heaven and the earth. " * 10,
+    "def add(a, b):\n    return a + b\n" * 10,
+]
+
+
+def make_checkpoint(root: Path, n_layer: int = 4, n_embd: int = 256) -> Path:
+    """A random GPT of the tiny preset's shape (4 layers x 256, 256 context) with a small tokenizer."""
+    import torch
+
+    from nanochat.checkpoint import save_checkpoint
+    from nanochat.model import GPTConfig, build_model
+    from nanochat.tokenizer import Tokenizer
+
+    tok = Tokenizer.train_from_iterator(TEXTS * 4, vocab_size=256 + 9 + 100)
+    torch.manual_seed(0)
+    heads = n_embd // 64
+    config = GPTConfig(sequence_len=256, vocab_size=tok.vocab_size, n_layer=n_layer, n_head=heads, n_kv_head=heads,
+                       n_embd=n_embd)
+    model = build_model(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2 and p.abs().sum() == 0:
+                p.normal_(0, 0.05)
+    return save_checkpoint(root / "checkpoints" / "sft" / "bench" / "step_000001", model, config, tok, "sft", 1)
+
+
+def pct(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, int(round(q * (len(values) - 1))))]
+
+
+async def one_stream(client, url: str, body: dict) -> tuple[float, int]:
+    """(seconds to first content chunk, completion tokens) of one streamed chat completion."""
+    start = time.perf_counter()
+    ttft, tokens = None, 0
+    async with client.stream("POST", url, json=body) as resp:
+        resp.raise_for_status()
+        async for line in resp.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+            if ttft is None and any(c["delta"].get("content") for c in chunk["choices"]):
+                ttft = time.perf_counter() - start
+    return (ttft if ttft is not None else time.perf_counter() - start), tokens
+
+
+async def load(base: str, model: str, concurrency: int, requests: int, max_tokens: int) -> dict:
+    """``requests`` streams over ``concurrency`` clients: aggregate tok/s and TTFT percentiles."""
+    import httpx
+
+    url = base + "/v1/chat/completions"
+    queue: asyncio.Queue[int] = asyncio.Queue()
+    for i in range(requests):
+        queue.put_nowait(i)
+    ttfts: list[float] = []
+    total = 0
+
+    async def worker(client):
+        nonlocal total
+        while not queue.empty():
+            i = queue.get_nowait()
+            body = {"model": model, "messages": [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}],
+                    "max_tokens": max_tokens, "temperature": 1.0, "seed": i, "stream": True,
+                    "stream_options": {"include_usage": True}}
+            ttft, tokens = await one_stream(client, url, body)
+            ttfts.append(ttft)
+            total += tokens
+
+    limits = httpx.Limits(max_connections=concurrency + 4)
+    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+        start = time.perf_counter()
+        await asyncio.gather(*(worker(client) for _ in range(concurrency)))
+        wall = time.perf_counter() - start
+    return {
+        "tok_s": round(total / wall, 1),
+        "ttft_p50_ms": round(pct(ttfts, 0.5) * 1000, 1),
+        "ttft_p95_ms": round(pct(ttfts, 0.95) * 1000, 1),
+        "tokens": total,
+        "requests": requests,
+    }
+
+
+def direct_ttft(checkpoint: Path, repeats: int) -> float:
+    """Median seconds from ``Engine.generate`` to its first text event, in this process."""
+    from nanochat.checkpoint import load_checkpoint
+    from nanochat.engine import Engine, SamplingParams
+
+    ckpt = load_checkpoint(checkpoint)
+    engine = Engine(ckpt.model, ckpt.tokenizer, max_batch_size=16)
+    times = []
+    for i in range(repeats):
+        prompt = ckpt.tokenizer.render_for_completion({"messages": [{"role": "user", "content": PROMPTS[i % 8]}]})
+        params = SamplingParams(max_tokens=8, temperature=1.0, top_k=50, seed=i, use_tools=False)
+        start = time.perf_counter()
+        gen = engine.generate(prompt, params)
+        for events in gen:
+            if any(e.text for e in events):
+                break
+        times.append(time.perf_counter() - start)
+        gen.close()
+    return statistics.median(times)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", help="checkpoint to serve (default: a fresh random model of the tiny preset's shape)")
+    parser.add_argument("--n-layer", type=int, default=4)
+    parser.add_argument("--n-embd", type=int, default=256)
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--requests-per-client", type=int, default=2)
+    parser.add_argument("--stream-interval-ms", type=float, default=50.0, help="serve.stream_interval_ms")
+    args = parser.parse_args()
+
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    tmp = tempfile.mkdtemp(prefix="bench_serve_")
+    os.environ.setdefault("NANOCHAT_BASE_DIR", tmp)
+    checkpoint = Path(args.checkpoint) if args.checkpoint else make_checkpoint(Path(tmp), args.n_layer, args.n_embd)
+
+    from ray import serve
+
+    from nanochat.checkpoint import read_meta
+    from nanochat.ray_utils import init_ray
+    from nanochat.serve.app import build_app
+
+    init_ray(num_cpus=4)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config={"log_level": "WARNING"})
+    common = {"checkpoint": str(checkpoint)}
+    extra = ["max_waiting=256", f"stream_interval_ms={args.stream_interval_ms}"]
+    serve.run(build_app({**common, "overrides": [f"max_batch_size={args.batch}", *extra]}),
+              name="batched", route_prefix="/batched")
+    serve.run(build_app({**common, "overrides": ["max_batch_size=1", *extra]}),
+              name="single", route_prefix="/single")
+    base = f"http://127.0.0.1:{port}"
+    model = read_meta(checkpoint).get("tag") or checkpoint.parent.name
+
+    result: dict = {"bench": "serve", "max_tokens": args.max_tokens, "batch": args.batch,
+                    "stream_interval_ms": args.stream_interval_ms, "model": {"checkpoint": str(checkpoint), "n_layer": args.n_layer, "n_embd": args.n_embd}}
+    # warm-up both apps (first requests pay allocation and lazy init)
+    for app in ("batched", "single"):
+        asyncio.run(load(f"{base}/{app}", model, 2, 4, 8))
+    for c in (1, 4, 16):
+        n = max(4, c * args.requests_per_client)
+        result[f"batched_c{c}"] = asyncio.run(load(f"{base}/batched", model, c, n, args.max_tokens))
+        result[f"single_c{c}"] = asyncio.run(load(f"{base}/single", model, c, n, args.max_tokens))
+    serve.shutdown()
+    import ray
+
+    ray.shutdown()
+    direct = direct_ttft(checkpoint, 16)
+    served = result["batched_c1"]["ttft_p50_ms"] / 1000
+    result["direct_engine_ttft_ms"] = round(direct * 1000, 2)
+    result["serve_ttft_ms"] = round(served * 1000, 2)
+    result["added_ttft_ms"] = round((served - direct) * 1000, 2)
+    result["speedup_c16"] = round(result["batched_c16"]["tok_s"] / max(result["single_c16"]["tok_s"], 1e-9), 2)
+    result["speedup_c4"] = round(result["batched_c4"]["tok_s"] / max(result["single_c4"]["tok_s"], 1e-9), 2)
+    result["targets_met"] = {"speedup_c16>=5": result["speedup_c16"] >= 5, "added_ttft<=20ms": result["added_ttft_ms"] <= 20}
+    print(json.dumps(result), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

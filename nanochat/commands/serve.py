@@ -1,0 +1,107 @@
+"""``nanochat serve``: start the OpenAI-compatible Serve app (chat UI at /) on a checkpoint.
+
+The short path to ``serve run serve_configs/local.yaml``: without ``RAY_ADDRESS`` it starts an
+embedded local Ray and blocks until Ctrl-C (the app lives as long as this process); with
+``RAY_ADDRESS`` it deploys to that cluster and returns unless ``--blocking``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+from nanochat.common import NanochatError, get_logger
+
+log = get_logger(__name__)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="serve a checkpoint: OpenAI-compatible API at /v1, chat UI at /",
+        description="Serve a checkpoint with Ray Serve (continuous batching, streaming, OpenAI API, web UI).",
+    )
+    p.add_argument("--config", help="a Serve config YAML (e.g. serve_configs/local.yaml); flags below override it")
+    p.add_argument("--checkpoint", help="checkpoint path, tag dir, or stage (sft|mid|base); default: newest")
+    p.add_argument("--preset", help="preset supplying the `serve` section (default: tiny, or the config's)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a serve setting, e.g. --set max_batch_size=8 (repeatable)")
+    p.add_argument("--host", help="bind address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="HTTP port (default 8000)")
+    p.add_argument("--api-key", help="require this Bearer token (default: $NANOCHAT_API_KEY; none = open)")
+    p.add_argument("--blocking", action="store_true", help="with RAY_ADDRESS: stay in the foreground")
+    p.set_defaults(func=_serve)
+
+
+def _load_config(path: str | None) -> dict[str, Any]:
+    if not path:
+        return {}
+    import yaml
+
+    file = Path(path)
+    if not file.exists():
+        raise NanochatError(f"serve config {file} does not exist (try serve_configs/local.yaml)")
+    config = yaml.safe_load(file.read_text()) or {}
+    apps = config.get("applications") or []
+    if len(apps) != 1 or "nanochat.serve.app:build_app" not in str(apps[0].get("import_path")):
+        raise NanochatError(
+            f"{file}: nanochat serve runs one application with import_path nanochat.serve.app:build_app; "
+            "use `serve run` for other configs"
+        )
+    return config
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from ray import serve
+
+    from nanochat.checkpoint import resolve_checkpoint
+    from nanochat.ray_utils import init_ray
+    from nanochat.serve.app import build_app_with
+
+    config = _load_config(args.config)
+    app_cfg = (config.get("applications") or [{}])[0]
+    build_args = dict(app_cfg.get("args") or {})
+    if args.checkpoint:
+        build_args["checkpoint"] = args.checkpoint
+    if args.preset:
+        build_args["preset"] = args.preset
+    if args.overrides:
+        build_args["overrides"] = list(build_args.get("overrides") or []) + args.overrides
+    api_key = args.api_key or os.environ.get("NANOCHAT_API_KEY")
+    if api_key:
+        build_args["api_key"] = api_key
+    http = dict(config.get("http_options") or {})
+    http["host"] = args.host or http.get("host", "127.0.0.1")
+    http["port"] = args.port or http.get("port", 8000)
+    deployments = app_cfg.get("deployments") or [{}]
+
+    on_cluster = bool(os.environ.get("RAY_ADDRESS"))
+    if not on_cluster:
+        resolve_checkpoint(build_args.get("checkpoint"))  # fail fast, before starting Ray
+    init_ray()
+    application = build_app_with(build_args, deployments[0])  # resolves the checkpoint: fails fast if none
+    serve.start(http_options=http)
+    name, prefix = app_cfg.get("name", "nanochat"), app_cfg.get("route_prefix", "/")
+    serve.run(application, name=name, route_prefix=prefix, blocking=False)
+    url = f"http://{http['host']}:{http['port']}{prefix.rstrip('/')}"
+    print(f"nanochat is serving at {url}/ (chat UI) and {url}/v1 (OpenAI API)" + (" [API key required]" if api_key else ""))
+    if on_cluster and not args.blocking:
+        print(f"deployed application '{name}' to the cluster; `serve status` shows it, `serve shutdown` stops it")
+        return 0
+    print("press Ctrl-C to stop")
+    signal.signal(signal.SIGTERM, _raise_interrupt)  # `kill` stops it as cleanly as Ctrl-C
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print("\nshutting down")
+        serve.shutdown()
+    return 0
+
+
+def _raise_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt

@@ -1,0 +1,460 @@
+"""The Serve app over real HTTP on a tiny real checkpoint, with the real ``openai`` client.
+
+One module-scoped Serve instance holds two applications: ``main`` at ``/`` (no API key) and
+``keyed`` at ``/keyed`` (API key, batch of 1, one waiting request: for 401 and 429). The UI
+browser test and the locust run are here too (``slow``) so they share the same app.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _helpers_serve import build_tiny_checkpoint, free_port, wait_healthy  # noqa: E402
+
+openai = pytest.importorskip("openai")
+
+MODEL = "tiny-serve"
+API_KEY = "sk-test-123"
+HELLO = [{"role": "user", "content": "Hello there, how are you?"}]
+
+
+@pytest.fixture(scope="module")
+def server(ray_session, tmp_path_factory, tiny_tokenizer, tiny_model_factory):
+    from ray import serve
+
+    from nanochat.serve.app import build_app
+
+    root = tmp_path_factory.mktemp("serve_base")
+    ckpt = build_tiny_checkpoint(root, tiny_tokenizer, tiny_model_factory, tag=MODEL)
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app({"checkpoint": str(ckpt)}), name="main", route_prefix="/", blocking=False)
+    keyed = build_app(
+        {"checkpoint": str(ckpt), "api_key": API_KEY,
+         "overrides": ["max_batch_size=1", "max_waiting=1", "max_new_tokens=120"]}
+    )
+    serve.run(keyed, name="keyed", route_prefix="/keyed", blocking=False)
+    base = f"http://127.0.0.1:{port}"
+    wait_healthy(f"{base}/health")
+    wait_healthy(f"{base}/keyed/health")
+    yield {"base": base, "checkpoint": ckpt, "tokenizer": tiny_tokenizer}
+    serve.shutdown()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server["base"] + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def _chat(client, **kw):
+    kw.setdefault("model", MODEL)
+    kw.setdefault("messages", HELLO)
+    return client.chat.completions.create(**kw)
+
+
+def _long_seed(client, max_tokens: int = 60) -> int:
+    """A seed whose reply runs to max_tokens (the random tiny model sometimes stops early)."""
+    for seed in range(50):
+        r = _chat(client, max_tokens=max_tokens, seed=seed, temperature=1.0)
+        if r.choices[0].finish_reason == "length":
+            return seed
+    pytest.fail("no seed in 0..49 generated max_tokens tokens")
+
+
+# ---- chat completions ----------------------------------------------------------------------------
+
+
+def test_chat_completion_returns_openai_object_with_usage_matching_tokenizer(server, client):
+    r = _chat(client, max_tokens=8, seed=3)
+    assert r.object == "chat.completion" and r.model == MODEL and r.id.startswith("chatcmpl-")
+    choice = r.choices[0]
+    assert choice.message.role == "assistant" and choice.finish_reason in ("stop", "length")
+    prompt = server["tokenizer"].render_for_completion({"messages": HELLO})
+    assert r.usage.prompt_tokens == len(prompt)
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+
+
+def test_served_reply_equals_direct_engine_generation_and_usage_counts_its_tokens(server, client):
+    from nanochat.checkpoint import load_checkpoint
+    from nanochat.engine import Engine, SamplingParams
+
+    r = _chat(client, max_tokens=20, seed=11, temperature=0.9, top_p=0.95)
+    ckpt = load_checkpoint(server["checkpoint"])
+    engine = Engine(ckpt.model, ckpt.tokenizer, prefix_cache=False)
+    prompt = ckpt.tokenizer.render_for_completion({"messages": HELLO})
+    params = SamplingParams(max_tokens=20, temperature=0.9, top_k=50, top_p=0.95, seed=11, use_tools=False)
+    [direct] = engine.generate_batch(prompt, params)
+    assert r.choices[0].message.content == direct.text
+    assert r.usage.completion_tokens == len(direct.tokens)
+    assert r.choices[0].finish_reason == direct.finish_reason
+
+
+def test_max_tokens_and_max_completion_tokens_end_with_length(client):
+    seed = _long_seed(client, max_tokens=30)
+    for kw in ({"max_tokens": 5}, {"max_completion_tokens": 5}):
+        r = _chat(client, seed=seed, temperature=1.0, **kw)
+        assert r.choices[0].finish_reason == "length"
+        assert r.usage.completion_tokens == 5
+
+
+def test_same_seed_gives_same_reply_and_different_seeds_differ(client):
+    a = _chat(client, max_tokens=24, seed=7, temperature=1.0).choices[0].message.content
+    b = _chat(client, max_tokens=24, seed=7, temperature=1.0).choices[0].message.content
+    c = _chat(client, max_tokens=24, seed=8, temperature=1.0).choices[0].message.content
+    assert a == b
+    assert a != c
+
+
+def test_n_returns_n_independent_choices(client):
+    r = _chat(client, max_tokens=12, seed=5, n=3, temperature=1.0)
+    assert [c.index for c in r.choices] == [0, 1, 2]
+    texts = [c.message.content for c in r.choices]
+    assert len(set(texts)) > 1
+    assert r.usage.completion_tokens >= 3 * 0 and r.usage.prompt_tokens % 3 == 0
+
+
+def test_stop_string_cuts_the_reply_before_it(client):
+    seed = _long_seed(client, max_tokens=40)
+    full = _chat(client, max_tokens=40, seed=seed, temperature=1.0).choices[0].message.content
+    candidates = [full[i : i + 2] for i in range(4, len(full) - 2) if full[i : i + 2].isprintable() and "\ufffd" not in full[i : i + 2]]
+    assert candidates, f"no printable stop candidate in {full!r}"
+    stop = candidates[0]
+    r = _chat(client, max_tokens=40, seed=seed, temperature=1.0, stop=[stop, "@@never@@"])
+    assert r.choices[0].finish_reason == "stop"
+    assert r.choices[0].message.content == full[: full.find(stop)]
+
+
+def test_streaming_sends_role_first_then_deltas_finish_reason_usage_and_done(server, client):
+    seed = 4
+    plain = _chat(client, max_tokens=16, seed=seed, temperature=1.0)
+    chunks = list(
+        _chat(client, max_tokens=16, seed=seed, temperature=1.0, stream=True, stream_options={"include_usage": True})
+    )
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert all(c.object == "chat.completion.chunk" for c in chunks)
+    finals = [c for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert len(finals) == 1 and finals[0].choices[0].finish_reason == plain.choices[0].finish_reason
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == plain.choices[0].message.content
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == plain.usage.completion_tokens
+    # raw SSE: every event is a data line, the last one is [DONE]
+    body = {"model": MODEL, "messages": HELLO, "max_tokens": 4, "stream": True}
+    with httpx.stream("POST", server["base"] + "/v1/chat/completions", json=body, timeout=30) as resp:
+        assert resp.headers["content-type"].startswith("text/event-stream")
+        lines = [line for line in resp.iter_lines() if line]
+    assert all(line.startswith("data: ") for line in lines) and lines[-1] == "data: [DONE]"
+    assert all(json.loads(line[6:])["usage"] is None for line in lines[:-1])
+
+
+def test_text_parts_and_system_message_are_accepted(client):
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": [{"type": "text", "text": "Hi "}, {"type": "text", "text": "there"}]},
+        {"role": "assistant", "content": "Hello!"},
+        {"role": "user", "content": "And now?"},
+    ]
+    r = _chat(client, messages=messages, max_tokens=4, seed=1, user="alice")
+    assert r.choices[0].finish_reason in ("stop", "length")
+
+
+def test_text_completions_accept_string_and_list_prompts(client):
+    r = client.completions.create(model=MODEL, prompt="To be, or not", max_tokens=6, seed=2)
+    assert r.object == "text_completion" and len(r.choices) == 1
+    r = client.completions.create(model=MODEL, prompt=["The quick", "In the beginning"], max_tokens=4, n=2, seed=2)
+    assert [c.index for c in r.choices] == [0, 1, 2, 3]
+    chunks = list(client.completions.create(model=MODEL, prompt="def add", max_tokens=4, stream=True, seed=2))
+    assert chunks and chunks[-1].choices[0].finish_reason in ("stop", "length")
+
+
+# ---- errors ----------------------------------------------------------------------------------------
+
+OK = {"model": MODEL, "messages": HELLO, "max_tokens": 4}
+ERROR_CASES = [
+    # (body, status, param, code)
+    ({**OK, "messages": []}, 400, "messages", "invalid_value"),
+    ({**OK, "messages": [{"role": "robot", "content": "hi"}]}, 400, "messages.0.role", "invalid_value"),
+    ({**OK, "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}, 400, None, None),
+    ({**OK, "messages": [{"role": "user"}]}, 400, "messages.0.content", "missing_required_parameter"),
+    ({**OK, "messages": [{"role": "system", "content": "only system"}]}, 400, "messages", "invalid_messages"),
+    ({**OK, "messages": [{"role": "assistant", "content": "first"}]}, 400, "messages", "invalid_messages"),
+    ({**OK, "messages": [{"role": "user", "content": ""}]}, 400, "messages", "invalid_messages"),
+    ({**OK, "messages": "hello"}, 400, "messages", "invalid_value"),
+    ({"model": MODEL}, 400, "messages", "missing_required_parameter"),
+    ({**OK, "temperature": 2.5}, 400, "temperature", "invalid_value"),
+    ({**OK, "temperature": -1}, 400, "temperature", "invalid_value"),
+    ({**OK, "top_p": 0}, 400, "top_p", "invalid_value"),
+    ({**OK, "n": 0}, 400, "n", "invalid_value"),
+    ({**OK, "n": 50}, 400, "n", "invalid_value"),
+    ({**OK, "max_tokens": 0}, 400, "max_tokens", "invalid_value"),
+    ({**OK, "max_tokens": "many"}, 400, "max_tokens", "invalid_value"),
+    ({**OK, "stop": ["a", "b", "c", "d", "e"]}, 400, "stop", "invalid_value"),
+    ({**OK, "stream_options": {"include_usage": True}}, 400, None, "invalid_value"),
+    ({**OK, "max_tokens": 4, "max_completion_tokens": 5}, 400, None, "invalid_value"),
+    ({**OK, "frobnicate": 1}, 400, "frobnicate", "unknown_parameter"),
+    ({**OK, "logit_bias": {"10": 5}}, 400, "logit_bias", "unsupported_parameter"),
+    ({**OK, "logprobs": True}, 400, "logprobs", "unsupported_parameter"),
+    ({**OK, "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools", "unsupported_parameter"),
+    ({**OK, "response_format": {"type": "json_object"}}, 400, "response_format", "unsupported_parameter"),
+    ({**OK, "presence_penalty": 1.0}, 400, "presence_penalty", "unsupported_parameter"),
+    ({**OK, "max_tokens": 10_000}, 400, "messages", "context_length_exceeded"),
+    ({**OK, "messages": [{"role": "user", "content": "word " * 1500}], "max_tokens": None}, 400, "messages", "context_length_exceeded"),
+    ({**OK, "model": "gpt-4"}, 404, "model", "model_not_found"),
+]
+
+
+@pytest.mark.parametrize("body,status,param,code", ERROR_CASES, ids=[str(i) for i in range(len(ERROR_CASES))])
+def test_bad_chat_requests_get_openai_shaped_4xx(server, body, status, param, code):
+    r = httpx.post(server["base"] + "/v1/chat/completions", json=body, timeout=30)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    assert err["type"] == ("not_found_error" if status == 404 else "invalid_request_error")
+    if param is not None:
+        assert err["param"] == param, err
+    if code is not None:
+        assert err["code"] == code, err
+
+
+def test_malformed_json_and_unknown_routes_are_openai_shaped(server):
+    r = httpx.post(server["base"] + "/v1/chat/completions", content=b"{nope", timeout=10,
+                   headers={"content-type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+    r = httpx.post(server["base"] + "/v1/completions", json={"model": MODEL, "prompt": []}, timeout=10)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
+    r = httpx.get(server["base"] + "/v1/nothing-here", timeout=10)
+    assert r.status_code == 404 and "error" in r.json()
+
+
+def test_openai_client_raises_typed_errors(client):
+    with pytest.raises(openai.NotFoundError):
+        _chat(client, model="nope")
+    with pytest.raises(openai.BadRequestError) as info:
+        _chat(client, max_tokens=100_000)
+    assert info.value.code == "context_length_exceeded"
+
+
+# ---- models, health, stats, cache ------------------------------------------------------------------
+
+
+def test_models_lists_the_checkpoint_tag(server, client):
+    models = client.models.list()
+    assert [m.id for m in models.data] == [MODEL]
+    assert client.models.retrieve(MODEL).id == MODEL
+    r = httpx.get(server["base"] + "/v1/models/other", timeout=10)
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+
+
+def test_health_and_ui_are_served(server):
+    h = httpx.get(server["base"] + "/health", timeout=10)
+    assert h.status_code == 200 and h.json()["status"] == "ok" and h.json()["model"] == MODEL
+    ui = httpx.get(server["base"] + "/", timeout=10)
+    assert ui.status_code == 200 and "/v1/chat/completions" in ui.text and "nanochat" in ui.text
+
+
+def test_multi_turn_history_hits_the_prefix_cache_and_invalidate_drops_it(server, client):
+    turn1 = _chat(client, max_tokens=6, seed=1)
+    history = HELLO + [{"role": "assistant", "content": turn1.choices[0].message.content or "ok"}]
+    before = httpx.get(server["base"] + "/stats", timeout=10).json()["prefix_cache"]
+    _chat(client, messages=history + [{"role": "user", "content": "Tell me more."}], max_tokens=6, seed=1)
+    after = httpx.get(server["base"] + "/stats", timeout=10).json()["prefix_cache"]
+    assert after["hits"] > before["hits"] and 0 < after["hit_rate"] <= 1
+    r = httpx.post(server["base"] + "/cache/invalidate", timeout=10)
+    assert r.status_code == 200 and r.json()["invalidated"] >= 1
+    assert httpx.get(server["base"] + "/stats", timeout=10).json()["prefix_cache"]["entries"] == 0
+
+
+def test_sixteen_concurrent_streams_all_complete_in_one_batch(server):
+    stream_client = openai.OpenAI(base_url=server["base"] + "/v1", api_key="x", max_retries=0, timeout=120)
+    results: dict[int, tuple[str, str | None]] = {}
+    seen_running: list[int] = []
+    stop_polling = threading.Event()
+
+    def poll():
+        while not stop_polling.is_set():
+            seen_running.append(httpx.get(server["base"] + "/stats", timeout=10).json()["running"])
+            time.sleep(0.02)
+
+    def one(i: int):
+        text, reason = "", None
+        for chunk in _chat(stream_client, max_tokens=48, seed=100 + i, temperature=1.0, stream=True):
+            if chunk.choices:
+                text += chunk.choices[0].delta.content or ""
+                reason = chunk.choices[0].finish_reason or reason
+        results[i] = (text, reason)
+
+    poller = threading.Thread(target=poll)
+    poller.start()
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    stop_polling.set()
+    poller.join()
+    assert sorted(results) == list(range(16))
+    assert all(reason in ("stop", "length") for _, reason in results.values())
+    assert max(seen_running) > 1
+    # each stream equals the same request served alone (batching does not change a seeded reply)
+    alone = _chat(stream_client, max_tokens=48, seed=100, temperature=1.0).choices[0].message.content
+    assert results[0][0] == alone
+
+
+def test_client_disconnect_mid_stream_cancels_the_sequence(server, client):
+    # a long reply (400 tokens) so the hang-up arrives while it is still generating, even on a busy machine
+    params = {"max_tokens": 400, "temperature": 0.0}
+    if _chat(client, **params).choices[0].finish_reason != "length":
+        params = {"max_tokens": 400, "temperature": 1.0, "seed": _long_seed(client, max_tokens=400)}
+    stats = lambda: httpx.get(server["base"] + "/stats", timeout=10).json()  # noqa: E731
+    before = stats()
+    body = {"model": MODEL, "messages": HELLO, "stream": True, **params}
+    with httpx.stream("POST", server["base"] + "/v1/chat/completions", json=body, timeout=30) as resp:
+        for line in resp.iter_lines():
+            if line.startswith("data: ") and json.loads(line[6:])["choices"][0]["delta"].get("content"):
+                break  # the first content delta: hang up
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        s = stats()
+        if s["cancelled"] > before["cancelled"] and s["running"] == 0:
+            break
+        time.sleep(0.1)
+    assert s["cancelled"] > before["cancelled"] and s["running"] == 0, s
+    assert s["total_tokens"] - before["total_tokens"] < 400  # it stopped early
+
+
+# ---- API key and queue limits (the "keyed" app) -----------------------------------------------------
+
+
+def test_api_key_required_when_configured(server):
+    base = server["base"] + "/keyed"
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": API_KEY}):
+        r = httpx.post(base + "/v1/chat/completions", json=OK, headers=headers, timeout=10)
+        assert r.status_code == 401
+        assert r.json()["error"]["type"] == "authentication_error"
+    assert httpx.post(base + "/cache/invalidate", timeout=10).status_code == 401
+    keyed = openai.OpenAI(base_url=base + "/v1", api_key=API_KEY, max_retries=0)
+    assert keyed.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=3).choices
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=base + "/v1", api_key="bad", max_retries=0).models.list()
+    r = httpx.post(base + "/cache/invalidate", headers={"Authorization": f"Bearer {API_KEY}"}, timeout=10)
+    assert r.status_code == 200
+
+
+def test_full_queue_answers_429_and_the_rest_complete(server):
+    base = server["base"] + "/keyed"
+    codes: list[int] = []
+    bodies: list[dict] = []
+
+    def one():
+        r = httpx.post(
+            base + "/v1/chat/completions", timeout=120, headers={"Authorization": f"Bearer {API_KEY}"},
+            json={"model": MODEL, "messages": HELLO, "max_tokens": 100, "seed": 1, "temperature": 0},
+        )
+        codes.append(r.status_code)
+        bodies.append(r.json())
+
+    threads = [threading.Thread(target=one) for _ in range(10)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert set(codes) <= {200, 429} and 429 in codes and 200 in codes
+    rejected = [b for c, b in zip(codes, bodies) if c == 429]
+    assert all(b["error"]["type"] == "rate_limit_error" for b in rejected)
+
+
+# ---- slow: browser UI and locust --------------------------------------------------------------------
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+BROWSER_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                "--disable-component-update", "--disable-sync", "--no-first-run"]
+
+
+def _browser_or_skip():
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.skip("playwright is not installed (pip install playwright)")
+    if not Path(CHROMIUM).exists() and os.geteuid() == 0 and shutil.which("apt-get"):
+        subprocess.run(["apt-get", "install", "-y", "-qq", "chromium"], capture_output=True, timeout=600)
+    if not Path(CHROMIUM).exists():
+        pytest.skip("no chromium browser available and it could not be installed (apt-get install chromium)")
+    return sync_playwright
+
+
+@pytest.mark.slow
+def test_ui_streams_edits_regenerates_and_runs_slash_commands(server):
+    sync_playwright = _browser_or_skip()
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=BROWSER_ARGS)
+        page = browser.new_page()
+        page.goto(server["base"] + "/")
+        page.wait_for_selector("#model:has-text('tiny-serve')")
+        assert not page.is_visible("#banner")
+        box = page.locator("#input")
+        box.fill("/temperature 0")
+        box.press("Enter")
+        page.wait_for_selector(".msg.system:has-text('temperature set to 0')")
+        box.fill("/topk 5")
+        box.press("Enter")
+        page.wait_for_selector(".msg.system:has-text('top-k set to 5')")
+        box.fill("/help")
+        box.press("Enter")
+        page.wait_for_selector(".msg.system:has-text('/clear')")
+        box.fill("Hello there")
+        box.press("Enter")
+        page.wait_for_selector(".msg.assistant:not(.typing)")
+        page.wait_for_function("!document.querySelector('.typing')")
+        first = page.locator(".msg.assistant").inner_text()
+        assert page.locator(".msg.user").inner_text() == "Hello there"
+        # regenerate: greedy, so the same reply comes back
+        page.locator(".msg.assistant").click()
+        page.wait_for_function("!document.querySelector('.typing') && document.querySelectorAll('.msg.assistant').length == 1")
+        assert page.locator(".msg.assistant").inner_text() == first
+        # edit: clicking the user message puts it back in the box and drops the turn
+        page.locator(".msg.user").click()
+        assert box.input_value() == "Hello there" and page.locator(".msg.user").count() == 0
+        box.fill("Edited question")
+        box.press("Enter")
+        page.wait_for_function("!document.querySelector('.typing') && document.querySelectorAll('.msg.assistant').length == 1")
+        assert page.locator(".msg.user").inner_text() == "Edited question"
+        box.fill("/clear")
+        box.press("Enter")
+        assert page.locator(".msg.user").count() == 0
+        # health banner when the server is unreachable
+        page.route("**/health", lambda route: route.abort())
+        page.reload()
+        page.wait_for_selector("#banner.show")
+        browser.close()
+
+
+@pytest.mark.slow
+def test_headless_locust_run_has_no_failures(server, tmp_path):
+    locust = shutil.which("locust", path=str(Path(sys.executable).parent)) or shutil.which("locust")
+    if locust is None:
+        pytest.skip("locust is not installed (pip install locust)")
+    locustfile = Path(__file__).parents[1] / "loadtests" / "locustfile.py"
+    env = {**os.environ, "NANOCHAT_MODEL": MODEL, "NANOCHAT_MAX_TOKENS": "24"}
+    # a separate process: locust's gevent monkey-patching must not touch this one
+    proc = subprocess.run(
+        [locust, "-f", str(locustfile), "--headless", "-u", "8", "-r", "4", "-t", "12s", "--stop-timeout", "30", "--host", server["base"],
+         "--csv", str(tmp_path / "run"), "--only-summary"],
+        capture_output=True, text=True, timeout=120, env=env,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = (tmp_path / "run_stats.csv").read_text().splitlines()
+    header = rows[0].split(",")
+    agg = dict(zip(header, rows[-1].split(",")))
+    assert agg["Name"] == "Aggregated" and int(agg["Request Count"]) > 0 and int(agg["Failure Count"]) == 0
+    names = {r.split(",")[1] for r in rows[1:]}
+    assert {"ttft", "inter_token_latency"} <= names

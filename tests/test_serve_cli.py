@@ -1,0 +1,67 @@
+"""`serve run serve_configs/local.yaml` and `nanochat serve` come up on a tiny checkpoint (subprocesses)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _helpers_serve import build_tiny_checkpoint, free_port, wait_healthy  # noqa: E402
+
+ROOT = Path(__file__).parents[1]
+BIN = Path(sys.executable).parent
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    # `serve run` in the background ignores SIGINT; SIGTERM stops it (and its local Ray).
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.mark.slow
+def test_serve_run_local_config_serves_the_newest_checkpoint(tmp_path, tiny_tokenizer, tiny_model_factory):
+    if os.environ.get("RAY_ADDRESS"):
+        pytest.skip("starts its own local Ray; unset RAY_ADDRESS")
+    base = tmp_path / "base"
+    build_tiny_checkpoint(base, tiny_tokenizer, tiny_model_factory, tag="cli-tag")
+    port = free_port()
+    config = (ROOT / "serve_configs" / "local.yaml").read_text().replace("port: 8000", f"port: {port}")
+    config_file = tmp_path / "local.yaml"
+    config_file.write_text(config)
+    env = {**os.environ, "NANOCHAT_BASE_DIR": str(base), "RAY_ADDRESS": ""}
+    env.pop("RAY_ADDRESS")
+    log = (tmp_path / "serve.log").open("w")
+    proc = subprocess.Popen([str(BIN / "serve"), "run", str(config_file)], env=env, cwd=tmp_path,
+                            stdout=log, stderr=subprocess.STDOUT)
+    try:
+        try:
+            wait_healthy(f"http://127.0.0.1:{port}/health", timeout=180)
+        except TimeoutError:
+            pytest.fail((tmp_path / "serve.log").read_text()[-6000:])
+        models = httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=10).json()
+        assert [m["id"] for m in models["data"]] == ["cli-tag"]
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", timeout=60,
+                       json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3})
+        assert r.status_code == 200 and r.json()["object"] == "chat.completion"
+    finally:
+        _stop(proc)
+        log.close()
+
+
+def test_nanochat_serve_without_a_checkpoint_says_how_to_make_one(tmp_path):
+    env = {**os.environ, "NANOCHAT_BASE_DIR": str(tmp_path / "empty")}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.run([str(BIN / "nanochat"), "serve", "--port", str(free_port())], env=env,
+                          capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 2
+    assert "no checkpoint found" in proc.stderr and "nanochat" in proc.stderr
