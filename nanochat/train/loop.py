@@ -1,0 +1,363 @@
+"""The one per-worker training function for pretrain, midtrain and SFT (run by Ray Train).
+
+Each worker builds the model, wraps it with ``deepspeed.initialize`` (ZeRO 0-3, optional CPU
+offload) on the process group Ray Train already set up (gloo on CPU, NCCL on GPU), streams its
+shard of the ``train`` dataset, and steps the optimizer every ``grad_accum`` micro-batches. The
+stage is configuration only: the data, the starting weights and the LR shape differ, the loop
+does not. What it reports (``ray.train.report``, a barrier every worker calls equally often):
+metrics every ``report_every`` steps, at evals and at checkpoints; checkpoints carry our model
+format (``model/``), DeepSpeed's optimizer/ZeRO shards (``deepspeed/``) and ``train_state.json``
+(step, rows consumed, smoothed loss) so a restart resumes at the same step and data position.
+
+bf16 is autocast over fp32 master weights (as nanochat does), so every optimizer and ZeRO stage
+sees ordinary fp32 parameters; DeepSpeed's own bf16 mode is not used.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from nanochat.config import TrainSettings
+from nanochat.train.metrics import EMA, Throughput, bits_per_byte, loss_nats_and_bytes, peak_flops
+from nanochat.train.optim import build_optimizer, remember_initial_lrs, set_lr
+from nanochat.train.schedule import grad_accum_steps, is_due, lr_multiplier, muon_momentum
+
+DS_TAG = "state"
+SAMPLE_PROMPTS = [
+    "The capital of France is",
+    "The chemical symbol of gold is",
+    "If yesterday was Friday, then tomorrow will be",
+    "The opposite of hot is",
+    "The planets of the solar system are:",
+    "My favorite color is",
+    "If 5*x + 3 = 13, then x is",
+]
+
+
+def deepspeed_config(settings: TrainSettings, accum: int, ds_optimizer: dict | None) -> dict[str, Any]:
+    """DeepSpeed's JSON config for one stage (fp32 master weights; bf16 comes from autocast)."""
+    zero: dict[str, Any] = {"stage": settings.zero_stage}
+    if settings.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    cfg: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": settings.device_batch_size,
+        "gradient_accumulation_steps": accum,
+        "zero_optimization": zero,
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if settings.grad_clip > 0:
+        cfg["gradient_clipping"] = settings.grad_clip
+    if ds_optimizer is not None:
+        cfg["optimizer"] = ds_optimizer
+    return cfg
+
+
+class TrainData:
+    """Micro-batches from this worker's shard, epoch after epoch, counting rows for resume."""
+
+    def __init__(self, shard, batch_size: int, device: torch.device, epoch: int = 0, skip_rows: int = 0):
+        self.shard, self.batch_size, self.device = shard, batch_size, device
+        self.epoch, self.rows_in_epoch, self.rows_consumed = epoch, 0, 0
+        self._skip = skip_rows
+        self._it: Iterator | None = None
+
+    def _batches(self) -> Iterator[dict[str, torch.Tensor]]:
+        return iter(self.shard.iter_torch_batches(batch_size=self.batch_size, drop_last=True, prefetch_batches=2))
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+        while True:
+            if self._it is None:
+                self._it = self._batches()
+                while self._skip > 0:  # resume: replay the epoch's consumed rows without training on them
+                    next(self._it)
+                    self._skip -= self.batch_size
+                    self.rows_in_epoch += self.batch_size
+            batch = next(self._it, None)
+            if batch is not None:
+                break
+            if self.rows_in_epoch == 0:
+                raise RuntimeError("the training dataset yielded no full batch: it has fewer rows than device_batch_size")
+            self._it, self.epoch, self.rows_in_epoch = None, self.epoch + 1, 0
+        self.rows_in_epoch += self.batch_size
+        self.rows_consumed += self.batch_size
+        x = batch["inputs"].to(self.device, dtype=torch.long, non_blocking=True)
+        y = batch["targets"].to(self.device, dtype=torch.long, non_blocking=True)
+        return x, y
+
+
+def _all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+class Evaluator:
+    """Val loss (and bpb) over ``eval_tokens`` of the unsplit val dataset; batches cached after the first pass."""
+
+    def __init__(self, shard, settings: TrainSettings, seq_len: int, token_bytes: torch.Tensor, rank: int, world: int):
+        self.shard, self.rank, self.world = shard, rank, world
+        self.batch_size = settings.device_batch_size
+        wanted = max(1, settings.eval_tokens // (self.batch_size * seq_len))
+        self.num_batches = max(world, wanted // world * world)  # equal forwards on every rank (ZeRO-3)
+        self.token_bytes = token_bytes
+        self._cache: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+
+    def _my_batches(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        if self._cache is None:
+            mine, seen = [], 0
+            for i, b in enumerate(self.shard.iter_torch_batches(batch_size=self.batch_size, drop_last=False)):
+                if i >= self.num_batches:
+                    break
+                seen += 1
+                if i % self.world == self.rank:
+                    mine.append((b["inputs"].long(), b["targets"].long()))
+            if seen < self.num_batches:  # a small val split: every rank still needs the same count
+                keep = seen // self.world
+                mine = mine[:keep]
+            self._cache = mine
+        return self._cache
+
+    @torch.no_grad()
+    def run(self, model: torch.nn.Module, device: torch.device, autocast) -> dict[str, float]:
+        model.eval()
+        nats = nbytes = loss_sum = count = 0.0
+        token_bytes = self.token_bytes.to(device)
+        for x, y in self._my_batches():
+            x, y = x.to(device), y.to(device)
+            with autocast():
+                per_token = model(x, y, loss_reduction="none")
+            n, b = loss_nats_and_bytes(per_token, y, token_bytes)
+            nats, nbytes = nats + n.item(), nbytes + b.item()
+            mask = y.reshape(-1) >= 0
+            loss_sum += (per_token.reshape(-1).float() * mask).sum().item()
+            count += mask.sum().item()
+        model.train()
+        nats, nbytes, loss_sum, count = _all_reduce_sum([nats, nbytes, loss_sum, count], device)
+        return {"val/bpb": bits_per_byte(nats, nbytes), "val/loss": loss_sum / count if count else float("nan")}
+
+
+@torch.no_grad()
+def greedy_samples(model: torch.nn.Module, tokenizer, prompts: list[str], device, max_tokens: int = 16) -> list[str]:
+    """Greedy continuations of BOS-prefixed prompts (every rank runs them: ZeRO-3 forwards are collective).
+
+    Uses the inference engine (KV cache, batched) and falls back to plain full-context greedy decoding.
+    """
+    model.eval()
+    ids = [tokenizer.encode(p, prepend=tokenizer.get_bos_token_id()) for p in prompts]
+    try:
+        from nanochat.engine import Engine, SamplingParams
+
+        engine = Engine(model, tokenizer, max_batch_size=len(prompts), prefix_cache=False)
+        done = engine.generate_many(ids, SamplingParams(max_tokens=max_tokens, temperature=0.0))
+        model.train()
+        return [p + rows[0].text for p, rows in zip(prompts, done)]
+    except Exception:  # noqa: BLE001 - an engine problem must not stop training; decode plainly
+        pass
+    out = []
+    for prompt in prompts:
+        ids = tokenizer.encode(prompt, prepend=tokenizer.get_bos_token_id())
+        x = torch.tensor([ids], device=device)
+        for _ in range(max_tokens):
+            nxt = model(x)[:, -1].argmax(-1, keepdim=True)
+            x = torch.cat([x, nxt], dim=1)
+        out.append(prompt + tokenizer.decode(x[0, len(ids):].tolist()))
+    model.train()
+    return out
+
+
+def _model_state(engine, zero_stage: int, rank: int) -> dict[str, torch.Tensor] | None:
+    """Full fp32 weights on rank 0 (ZeRO-3 gathers each parameter collectively first)."""
+    module = engine.module
+    if zero_stage == 3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+            return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()} if rank == 0 else None
+    return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()} if rank == 0 else None
+
+
+def train_loop_per_worker(cfg: dict[str, Any]) -> None:
+    """Ray Train entry point; ``cfg`` is built by :func:`nanochat.train.trainer.loop_config`."""
+    os.environ["NANOCHAT_BASE_DIR"] = cfg["base_dir"]
+    import deepspeed
+    import ray.train
+    import ray.train.torch
+    from deepspeed.utils import logger as ds_logger
+
+    from nanochat.checkpoint import load_checkpoint, save_checkpoint
+    from nanochat.model import GPTConfig, build_model
+    from nanochat.tokenizer import Tokenizer
+
+    ds_logger.setLevel("WARNING")
+    from ray.data import DataContext
+
+    DataContext.get_current().enable_progress_bars = False  # the driver prints one line per report
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    if cfg.get("debug_pid_dir"):
+        Path(cfg["debug_pid_dir"]).mkdir(parents=True, exist_ok=True)
+        (Path(cfg["debug_pid_dir"]) / f"rank_{rank}.pid").write_text(str(os.getpid()))
+    device = ray.train.torch.get_device()
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, int(cfg.get("threads_per_worker") or 1)))
+    settings = TrainSettings(**cfg["settings"])
+    if cfg["dtype"] == "auto-gpu":
+        from nanochat.common import default_compute_dtype
+
+        dtype = default_compute_dtype(device)
+    else:
+        dtype = torch.bfloat16 if cfg["dtype"] == "bfloat16" else torch.float32
+    stage, num_iterations = cfg["stage"], int(cfg["num_iterations"])
+    tokenizer = Tokenizer.load(cfg["tokenizer_dir"])
+    model_config = GPTConfig(**cfg["model_config"])
+
+    torch.manual_seed(settings.seed)
+    model = build_model(model_config, device=device)
+    if cfg.get("init_checkpoint"):
+        src = load_checkpoint(cfg["init_checkpoint"], device="cpu")
+        model.load_state_dict(src.model.state_dict())
+        del src
+    num_params, flops_per_token = model.num_params(), model.estimate_flops()
+    seq_len = int(cfg["sequence_len"])
+    accum = grad_accum_steps(settings.total_batch_size, settings.device_batch_size, seq_len, world)
+    client_opt, ds_opt = build_optimizer(model, settings)
+    engine, optimizer, _, _ = deepspeed.initialize(
+        model=model,
+        optimizer=client_opt,
+        model_parameters=[p for p in model.parameters()] if ds_opt else None,
+        config=deepspeed_config(settings, accum, ds_opt),
+    )
+    remember_initial_lrs(optimizer)
+    use_autocast = dtype == torch.bfloat16
+
+    def autocast():
+        return torch.autocast(device.type, dtype=torch.bfloat16) if use_autocast else nullcontext()
+
+    # ---- resume -----------------------------------------------------------------------------
+    start_step, loop_state = 0, {}
+    resume = ray.train.get_checkpoint()
+    if resume is not None:
+        with resume.as_directory() as d:
+            loop_state = json.loads((Path(d) / "train_state.json").read_text())
+            if loop_state.get("world_size") != world and settings.zero_stage > 0:
+                raise RuntimeError(
+                    f"checkpoint has ZeRO shards for {loop_state.get('world_size')} workers, this run has {world}: "
+                    "resume with the same ray.num_workers, or start fresh with --restart"
+                )
+            engine.load_checkpoint(str(Path(d) / "deepspeed"), tag=DS_TAG, load_module_strict=True)
+        start_step = int(loop_state["step"])
+    data = TrainData(
+        ray.train.get_dataset_shard("train"), settings.device_batch_size, device,
+        # The dataset itself may already start past rows consumed before this run (pretrain resume).
+        epoch=int(loop_state.get("epoch", 0)),
+        skip_rows=max(0, int(loop_state.get("rows_in_epoch", 0)) - int(cfg.get("dataset_skip_rows", 0)) // world),
+    )
+    data.rows_consumed = int(loop_state.get("rows_consumed_per_worker", 0))
+    ema = EMA(0.9)
+    if "ema" in loop_state:
+        ema.load(loop_state["ema"])
+    try:
+        val_shard = ray.train.get_dataset_shard("val")
+    except Exception:  # noqa: BLE001 - no val dataset given
+        val_shard = None
+    evaluator = Evaluator(val_shard, settings, seq_len, tokenizer.token_bytes(), rank, world) if val_shard else None
+    peak, peak_source = (settings.mfu_peak_flops, "config") if settings.mfu_peak_flops else peak_flops(device, dtype)
+    tokens_per_step = settings.total_batch_size
+    stop_at = cfg.get("stop_at_step")
+    wall0 = time.time() - float(loop_state.get("train_seconds", 0.0))
+    prompts = SAMPLE_PROMPTS if stage == "base" else []
+
+    def save_and_report(step: int, metrics: dict[str, Any]) -> None:
+        tmp = Path(tempfile.mkdtemp(prefix=f"nanochat-ckpt-{rank}-"))
+        engine.save_checkpoint(str(tmp / "deepspeed"), tag=DS_TAG, save_latest=False)
+        state = _model_state(engine, settings.zero_stage, rank)
+        if rank == 0:
+            save_checkpoint(tmp / "model" / f"step_{step:06d}", state, model_config, tokenizer, stage, step,
+                            metrics={k: v for k, v in metrics.items() if isinstance(v, (int, float))},
+                            extra={"tag": cfg["tag"], "settings": cfg["settings"]})
+            loop = {"step": step, "epoch": data.epoch, "rows_in_epoch": data.rows_in_epoch,
+                    "rows_consumed_per_worker": data.rows_consumed, "rows_consumed": data.rows_consumed * world,
+                    "world_size": world, "zero_stage": settings.zero_stage, "ema": ema.state(),
+                    "train_seconds": time.time() - wall0}
+            (tmp / "train_state.json").write_text(json.dumps(loop))
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(tmp)),
+                         checkpoint_dir_name=f"step_{step:06d}")
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    # ---- the loop: evaluate / sample / save at step boundaries, then train one step ----------
+    engine.train()
+    meter = Throughput()
+    last_mult = lr_multiplier(start_step, num_iterations, settings.warmup_ratio, settings.warmdown_ratio,
+                              settings.final_lr_frac)
+    step_loss = float("nan")
+    for step in range(start_step, num_iterations + 1):
+        last = step == num_iterations
+        stopping = stop_at is not None and step == stop_at and not last
+        metrics: dict[str, Any] = {}
+        if evaluator is not None and (is_due(step, settings.eval_every, num_iterations) or step == 0):
+            metrics.update(evaluator.run(engine.module, device, autocast))
+            if stage != "base":
+                metrics.pop("val/bpb", None)
+        if prompts and settings.sample_every != 0 and (is_due(step, settings.sample_every, num_iterations)):
+            samples = greedy_samples(engine.module, tokenizer, prompts, device)
+            if rank == 0:
+                metrics["samples"] = samples
+        save_due = step > start_step and (last or stopping or (settings.save_every > 0 and step % settings.save_every == 0))
+        report_due = save_due or bool(metrics) or (step > start_step and step % settings.report_every == 0)
+        if report_due:
+            window = meter.window()
+            if step > start_step:  # a window of training steps lies behind this report
+                metrics.update({
+                    "train/loss": ema.get(), "train/raw_loss": step_loss, "train/lr_mult": last_mult,
+                    "train/tok_per_sec": window["tok_per_sec"] * world,
+                    "train/mfu": window["tok_per_sec"] * flops_per_token / peak if peak else 0.0,
+                    "train/data_wait_frac": window["data_wait_frac"],
+                })
+            metrics.update({
+                "stage": stage, "step": step, "num_iterations": num_iterations, "time": time.time(),
+                "tokens_seen": step * tokens_per_step, "total_flops": step * tokens_per_step * flops_per_token,
+                "rows_consumed": data.rows_consumed * world, "epoch": data.epoch, "num_params": num_params,
+                "peak_flops_source": peak_source, "train_seconds": time.time() - wall0,
+            })
+            if save_due:
+                save_and_report(step, metrics)
+            else:
+                ray.train.report(metrics)
+            meter.reset()  # reporting/eval time is not training throughput
+        if last or stopping:
+            break
+        # -- one optimizer step over `accum` micro-batches --
+        last_mult = lr_multiplier(step, num_iterations, settings.warmup_ratio, settings.warmdown_ratio,
+                                  settings.final_lr_frac)
+        set_lr(optimizer, last_mult, muon_momentum(step) if settings.optimizer == "muon_adamw" else None)
+        total = torch.zeros((), device=device)
+        for _ in range(accum):
+            t0 = time.perf_counter()
+            x, y = data.next()
+            meter.add_wait(time.perf_counter() - t0)
+            with autocast():
+                loss = engine(x, y)
+            engine.backward(loss)
+            engine.step()
+            total += loss.detach()
+            meter.tokens += x.numel()
+        step_loss = total.item() / accum
+        if not math.isfinite(step_loss):
+            raise FloatingPointError(f"loss became {step_loss} at step {step}: lower the learning rates")
+        ema.update(step_loss)

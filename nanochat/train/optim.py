@@ -1,0 +1,159 @@
+"""Optimizers for the shared training loop: nanochat's Muon + AdamW recipe, plain AdamW, DeepSpeed AdamW.
+
+``muon_adamw`` (the default) follows the reference: the 2-D matrices inside transformer blocks use
+Muon (Nesterov momentum, then a 5-step Newton-Schulz orthogonalization, step scaled by
+``sqrt(max(1, rows/cols))``); the embedding and the head use AdamW with betas (0.8, 0.95), eps
+1e-10 and learning rates scaled by ``(d_model/768)^-0.5`` (wider models take smaller steps).
+Every group remembers its ``initial_lr`` so the schedule sets ``lr = initial_lr x multiplier``.
+
+Muon needs whole matrices. DeepSpeed ZeRO-1/2 hands a client optimizer flat fp32 partitions and
+ZeRO-3 shards the parameters themselves, so ``muon_adamw`` runs with ZeRO stage 0 only
+(``nanochat.config`` refuses the other combinations before any worker starts).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from nanochat.config import TrainSettings
+from nanochat.model import GPT
+
+# Quintic Newton-Schulz coefficients that push singular values towards 1 in five steps.
+_NS_COEFFS = (3.4445, -4.7750, 2.0315)
+ADAMW_BETAS = (0.8, 0.95)
+ADAMW_EPS = 1e-10
+
+
+def orthogonalize(grad: torch.Tensor, steps: int = 5) -> torch.Tensor:
+    """Approximately replace ``grad``'s singular values by 1 (computed in bf16, like the reference)."""
+    a, b, c = _NS_COEFFS
+    x = grad.bfloat16()
+    transposed = x.size(-2) > x.size(-1)
+    if transposed:
+        x = x.mT
+    x = x / (x.norm(dim=(-2, -1), keepdim=True) + 1e-7)
+    for _ in range(steps):
+        gram = x @ x.mT
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return x.mT if transposed else x
+
+
+class MuonAdamW(torch.optim.Optimizer):
+    """One optimizer with two kinds of groups: ``kind="muon"`` (2-D matrices) and ``kind="adamw"``.
+
+    A single object keeps DeepSpeed's client-optimizer contract (one optimizer, ``param_groups``,
+    ``state_dict``) while holding nanochat's split recipe.
+    """
+
+    def __init__(self, groups: list[dict[str, Any]]):
+        defaults = {"lr": 0.0, "kind": "adamw", "momentum": 0.95, "nesterov": True, "ns_steps": 5,
+                    "betas": ADAMW_BETAS, "eps": ADAMW_EPS, "weight_decay": 0.0}
+        super().__init__(groups, defaults)
+        for group in self.param_groups:
+            if group["kind"] == "muon":
+                bad = [tuple(p.shape) for p in group["params"] if p.dim() != 2]
+                if bad:
+                    raise ValueError(f"Muon takes 2-D matrices only; got shapes {bad[:3]}")
+
+    @torch.no_grad()
+    def step(self, closure=None):  # noqa: D102 - torch's signature
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            if group["kind"] == "muon":
+                self._muon_step(group)
+            else:
+                self._adamw_step(group)
+        return loss
+
+    def _muon_step(self, group: dict[str, Any]) -> None:
+        momentum = group["momentum"]
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            state = self.state[p]
+            if "momentum_buffer" not in state:
+                state["momentum_buffer"] = torch.zeros_like(p.grad)
+            buf = state["momentum_buffer"]
+            buf.lerp_(p.grad, 1 - momentum)
+            g = p.grad.lerp(buf, momentum) if group["nesterov"] else buf
+            update = orthogonalize(g, group["ns_steps"]).to(p.dtype)
+            scale = max(1.0, p.size(-2) / p.size(-1)) ** 0.5
+            p.add_(update, alpha=-group["lr"] * scale)
+
+    def _adamw_step(self, group: dict[str, Any]) -> None:
+        beta1, beta2 = group["betas"]
+        lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            state = self.state[p]
+            if not state:
+                state["step"] = torch.zeros((), dtype=torch.float32)
+                state["exp_avg"] = torch.zeros_like(p)
+                state["exp_avg_sq"] = torch.zeros_like(p)
+            state["step"] += 1
+            t = float(state["step"])
+            exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+            exp_avg.lerp_(p.grad, 1 - beta1)
+            exp_avg_sq.mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
+            if wd:
+                p.mul_(1 - lr * wd)
+            denom = (exp_avg_sq / (1 - beta2**t)).sqrt_().add_(eps)
+            p.addcdiv_(exp_avg, denom, value=-lr / (1 - beta1**t))
+
+
+def dmodel_lr_scale(n_embd: int) -> float:
+    """AdamW LRs were tuned at d_model=768; scale them by (d/768)^-0.5 for other widths."""
+    return (n_embd / 768) ** -0.5
+
+
+def muon_adamw_groups(model: GPT, settings: TrainSettings) -> list[dict[str, Any]]:
+    """nanochat's recipe as param groups, every LR already multiplied by ``init_lr_frac``."""
+    s, frac = dmodel_lr_scale(model.config.n_embd), settings.init_lr_frac
+    adamw = {"kind": "adamw", "betas": ADAMW_BETAS, "eps": ADAMW_EPS, "weight_decay": settings.weight_decay}
+    groups = [
+        {"params": model.matrix_params(), "kind": "muon", "lr": settings.matrix_lr * frac, "name": "matrices"},
+        {"params": model.embedding_params(), "lr": settings.embedding_lr * s * frac, "name": "embedding", **adamw},
+        {"params": model.head_params(), "lr": settings.unembedding_lr * s * frac, "name": "lm_head", **adamw},
+    ]
+    covered = sum(p.numel() for g in groups for p in g["params"])
+    if covered != model.num_params():
+        raise RuntimeError(f"optimizer groups cover {covered} of {model.num_params()} parameters")
+    for g in groups:
+        g["initial_lr"] = g["lr"]
+    return groups
+
+
+def build_optimizer(model: GPT, settings: TrainSettings) -> tuple[torch.optim.Optimizer | None, dict | None]:
+    """Return ``(client_optimizer, None)`` or ``(None, deepspeed_optimizer_section)``."""
+    lr = settings.adamw_lr * settings.init_lr_frac
+    if settings.optimizer == "muon_adamw":
+        return MuonAdamW(muon_adamw_groups(model, settings)), None
+    if settings.optimizer == "adamw":
+        opt = torch.optim.AdamW(
+            [{"params": list(model.parameters()), "initial_lr": lr}],
+            lr=lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=settings.weight_decay,
+        )
+        return opt, None
+    # DeepSpeed's own AdamW (fused CPU Adam / CUDA FusedAdam; compiles an extension the first time).
+    section = {"type": "AdamW", "params": {"lr": lr, "betas": [0.9, 0.95], "eps": 1e-8,
+                                           "weight_decay": settings.weight_decay}}
+    return None, section
+
+
+def remember_initial_lrs(optimizer: torch.optim.Optimizer) -> None:
+    """Record ``initial_lr`` on groups that lack it (DeepSpeed-built optimizers)."""
+    for group in optimizer.param_groups:
+        group.setdefault("initial_lr", group["lr"])
+
+
+def set_lr(optimizer: torch.optim.Optimizer, multiplier: float, muon_momentum: float | None = None) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = group["initial_lr"] * multiplier
+        if muon_momentum is not None and group.get("kind") == "muon":
+            group["momentum"] = muon_momentum

@@ -1,0 +1,420 @@
+"""Driver side of a training stage: validate, build datasets, run ``TorchTrainer``, export, summarize.
+
+``train_stage("pretrain" | "midtrain" | "sft", preset, ...)`` is the one Python API that the CLI,
+``ray_jobs/*.py``, the pipeline and Tune call. Everything that can be wrong with the request
+(config values, batch divisibility, a missing tokenizer, a starting checkpoint of the wrong stage
+or tokenizer) fails here, before any Ray worker starts. A rerun with the same stage and tag reuses
+the Ray Train run name, so Train V2 restores the latest checkpoint (same step, same data
+position); ``restart=True`` starts over. A driver-side callback appends every report to
+``checkpoints/<stage>/<tag>/metrics.jsonl``, prints a log line, and exports every reported
+checkpoint's model to ``checkpoints/<stage>/<tag>/step_NNNNNN`` (what ``nanochat chat`` loads).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from nanochat.checkpoint import (
+    PREVIOUS_STAGE,
+    CheckpointError,
+    checkpoints_root,
+    copy_checkpoint,
+    find_latest,
+    read_meta,
+)
+from nanochat.common import NanochatError, atomic_write_text, base_dir, get_logger
+from nanochat.config import Preset, TrainSettings, load_preset
+from nanochat.train.metrics import JsonlWriter, format_log_line
+from nanochat.train.schedule import epoch_iterations, grad_accum_steps, pretrain_iterations
+
+log = get_logger(__name__)
+
+STAGES = {"pretrain": "base", "midtrain": "mid", "sft": "sft"}
+SECTION = {"base": "pretrain", "mid": "midtrain", "sft": "sft"}
+
+
+class TrainError(NanochatError):
+    """A training run could not start or did not finish; the message says why and what to do."""
+
+
+@dataclass
+class StageResult:
+    stage: str
+    tag: str
+    checkpoint: str | None
+    num_iterations: int
+    num_params: int
+    wall_seconds: float
+    metrics: dict[str, Any] = field(default_factory=dict)
+    metrics_path: str = ""
+    summary_path: str = ""
+    run_path: str = ""
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def canonical_stage(stage: str) -> str:
+    """``pretrain|midtrain|sft`` (or ``base|mid|sft``) → checkpoint stage ``base|mid|sft``."""
+    if stage in STAGES:
+        return STAGES[stage]
+    if stage in STAGES.values():
+        return stage
+    raise TrainError(f"unknown stage {stage!r}: choose one of {', '.join(STAGES)}")
+
+
+def stage_settings(preset: Preset, stage: str) -> TrainSettings:
+    return getattr(preset, SECTION[canonical_stage(stage)])
+
+
+# ---- the driver-side callback ---------------------------------------------------------------
+
+
+def _make_callback(metrics_path: str, export_root: str | None):
+    from ray.train import UserCallback
+
+    class StageCallback(UserCallback):
+        """Runs in the Train controller (on the driver's node): JSONL, log line, model export."""
+
+        def __init__(self) -> None:
+            self.writer = JsonlWriter(metrics_path)
+
+        def after_report(self, run_context, metrics, checkpoint) -> None:
+            m = dict(metrics[0]) if metrics else {}
+            samples = m.pop("samples", None)
+            self.writer.write({**m, **({"samples": samples} if samples else {})})
+            print(format_log_line(m), flush=True)
+            for s in samples or []:
+                print(f"  sample: {s!r}", flush=True)
+            if checkpoint is not None and export_root:
+                with checkpoint.as_directory() as d:
+                    for src in sorted((Path(d) / "model").glob("step_*")):
+                        copy_checkpoint(src, Path(export_root) / src.name)
+
+    return StageCallback()
+
+
+# ---- validation and inputs --------------------------------------------------------------------
+
+
+def _load_base_tokenizer():
+    from nanochat.tokenizer import Tokenizer, default_tokenizer_dir
+
+    tok_dir = default_tokenizer_dir()
+    if not (tok_dir / "tokenizer.json").exists():
+        raise TrainError(f"no tokenizer at {tok_dir}: train one first with `nanochat tok train --preset <name>`")
+    return Tokenizer.load(tok_dir), tok_dir
+
+
+def resolve_source_checkpoint(stage: str, spec: str | None, tag: str | None) -> Path:
+    """The checkpoint mid/SFT start from: ``--from`` or the latest of the previous stage; checked."""
+    from nanochat.checkpoint import resolve_checkpoint
+
+    prev = PREVIOUS_STAGE[stage]
+    if spec:
+        path = resolve_checkpoint(spec)
+    else:
+        try:
+            path = find_latest(prev, tag)
+        except CheckpointError:
+            path = find_latest(prev)
+    found = read_meta(path).get("stage")
+    if found != prev:
+        raise CheckpointError(
+            f"refusing {path}: it is a '{found}' checkpoint, but {SECTION[stage]} starts from a '{prev}' one; "
+            f"pass --from a {prev} checkpoint (default: the latest under {checkpoints_root(prev)})"
+        )
+    return path
+
+
+def _check_tokenizer_matches(src: Path) -> None:
+    from nanochat.tokenizer import Tokenizer, default_tokenizer_dir
+
+    tok_dir = default_tokenizer_dir()
+    if not (tok_dir / "tokenizer.json").exists():
+        return
+    current = Tokenizer.load(tok_dir).fingerprint
+    recorded = read_meta(src).get("tokenizer", {}).get("fingerprint")
+    if recorded and recorded != current:
+        raise CheckpointError(
+            f"refusing {src}: it was trained with tokenizer {recorded}, but {tok_dir} holds tokenizer {current}; "
+            "use a checkpoint trained with the current tokenizer (or restore the matching tokenizer)"
+        )
+
+
+def build_datasets(stage: str, preset: Preset, tokenizer, tokenizer_dir: Path, skip_rows: int = 0) -> dict[str, Any]:
+    """The stage's Ray datasets ``{"train", "val"}`` from the data builders.
+
+    Pretraining streams the shards endlessly (the horizon is a step count) and starts ``skip_rows``
+    rows in when resuming; mid/SFT datasets are finite and the loop re-iterates them per epoch.
+    """
+    if stage == "base":
+        from nanochat.data.pipeline import build_pretrain_datasets
+
+        train_ds, val_ds = build_pretrain_datasets(preset, tokenizer_dir, num_epochs=-1, skip_rows=skip_rows)
+    elif stage == "mid":
+        from nanochat.data.chat_data import build_midtrain_datasets
+
+        train_ds, val_ds = build_midtrain_datasets(preset, tokenizer)
+    else:
+        from nanochat.data.chat_data import build_sft_datasets
+
+        train_ds, val_ds = build_sft_datasets(preset, tokenizer)
+    return {"train": train_ds, "val": val_ds} if val_ds is not None else {"train": train_ds}
+
+
+def _resume_rows(run_dir: Path) -> int:
+    """Global rows consumed at the latest checkpoint of a local run dir (0 when there is none)."""
+    states = sorted(run_dir.glob("step_*/train_state.json"))
+    return int(json.loads(states[-1].read_text()).get("rows_consumed", 0)) if states else 0
+
+
+def _configure_ray_data() -> None:
+    """Small blocks so Train's equal split streams (see docs/training.md) instead of waiting for the read."""
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = False  # one concise log line per report instead of redrawn bars
+    if ctx.target_max_block_size is None or ctx.target_max_block_size > 1024 * 1024:
+        ctx.target_max_block_size = 256 * 1024
+
+
+def _num_params(model_config) -> tuple[int, float]:
+    import torch
+
+    from nanochat.model import GPT
+
+    with torch.device("meta"):
+        model = GPT(model_config)
+    return model.num_params(), model.estimate_flops()
+
+
+def _fresh_start(run_dir: Path, stage_dir: Path, metrics_path: Path) -> None:
+    """Forget a previous run of this stage/tag: Ray run dir, metrics, exported steps."""
+    shutil.rmtree(run_dir, ignore_errors=True)
+    metrics_path.unlink(missing_ok=True)
+    for old in stage_dir.glob("step_*"):
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# ---- the API ----------------------------------------------------------------------------------
+
+
+def train_stage(
+    stage: str,
+    preset: Preset | str = "tiny",
+    from_checkpoint: str | None = None,
+    tag: str | None = None,
+    overrides: list[str] | None = None,
+    num_workers: int | None = None,
+    datasets: dict[str, Any] | None = None,
+    run_name: str | None = None,
+    storage_path: str | None = None,
+    callbacks: list | None = None,
+    export: bool = True,
+    restart: bool = False,
+    stop_at_step: int | None = None,
+    debug_pid_dir: str | None = None,
+) -> StageResult:
+    """Run one stage on Ray Train + DeepSpeed and return its summary (also written to summary.json)."""
+    stage = canonical_stage(stage)
+    if isinstance(preset, str):
+        preset = load_preset(preset, overrides)
+    elif overrides:
+        preset = load_preset_from(preset, overrides)
+    if num_workers is not None:
+        preset.ray.num_workers = num_workers
+    settings = stage_settings(preset, stage)
+    world = preset.ray.num_workers
+    seq_len = preset.model.sequence_len
+    grad_accum_steps(settings.total_batch_size, settings.device_batch_size, seq_len, world)  # fails early
+
+    from nanochat.model import GPTConfig, config_for_depth
+
+    source = None
+    if stage == "base":
+        if from_checkpoint:
+            raise TrainError("pretraining starts from scratch; --from is for midtrain and sft")
+        tokenizer, tok_dir = _load_base_tokenizer()
+        m = preset.model
+        model_config = config_for_depth(
+            m.depth, tokenizer.vocab_size, sequence_len=m.sequence_len, aspect_ratio=m.aspect_ratio,
+            head_dim=m.head_dim, n_kv_head=m.n_kv_head, rope_base=m.rope_base, logit_softcap=m.logit_softcap,
+        )
+        tag = tag or f"d{m.depth}"
+    else:
+        from nanochat.tokenizer import Tokenizer
+
+        source = resolve_source_checkpoint(stage, from_checkpoint, tag)
+        _check_tokenizer_matches(source)
+        meta = read_meta(source)
+        tok_dir = source / "tokenizer"
+        tokenizer = Tokenizer.load(tok_dir)
+        model_config = GPTConfig(**meta["model_config"])
+        tag = tag or meta.get("tag") or source.parent.name
+    num_params, _ = _num_params(model_config)
+
+    from nanochat.ray_utils import cluster_has_gpus, init_ray, worker_env
+
+    init_ray(num_cpus=preset.ray.num_cpus)
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    _configure_ray_data()
+    stage_dir = checkpoints_root(stage) / tag
+    metrics_path = stage_dir / "metrics.jsonl"
+    storage = storage_path or preset.ray.storage_path or str(base_dir() / "ray_results")
+    name = run_name or f"{stage}-{tag}"
+    run_dir = Path(storage) / name
+    is_local = "://" not in storage
+    has_previous = is_local and any(run_dir.glob("step_*"))
+    if restart or (is_local and not has_previous):
+        _fresh_start(run_dir if is_local else Path("/nonexistent"), stage_dir, metrics_path)
+    elif has_previous:
+        log.info("resuming %s/%s from the latest checkpoint in %s (use --restart to start over)", stage, tag, run_dir)
+
+    dataset_skip_rows = 0
+    if datasets is None:
+        dataset_skip_rows = _resume_rows(run_dir) if stage == "base" and is_local else 0
+        datasets = build_datasets(stage, preset, tokenizer, tok_dir, skip_rows=dataset_skip_rows)
+    if stage == "base":
+        num_iterations = pretrain_iterations(settings.num_iterations, settings.target_param_data_ratio, num_params,
+                                             settings.total_batch_size)
+    else:
+        rows_per_step = settings.total_batch_size // seq_len
+        rows = datasets["train"].count() if settings.num_iterations <= 0 else 0
+        num_iterations = epoch_iterations(settings.num_iterations, settings.num_epochs, rows, rows_per_step)
+
+    done = _completed_checkpoint(run_dir, num_iterations) if is_local and has_previous and not restart else None
+    if done is not None and stop_at_step is None:
+        log.info("%s/%s already finished %d steps (%s); use --restart to train again", stage, tag, num_iterations, done)
+        return _finish(stage, tag, done, num_iterations, num_params, 0.0, stage_dir, metrics_path, run_dir, preset,
+                       source, export)
+
+    use_gpu = preset.ray.use_gpu if preset.ray.use_gpu is not None else cluster_has_gpus()
+    resources = {"CPU": preset.ray.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
+    cores = os.cpu_count() or 1
+    cfg = {
+        "stage": stage, "tag": tag, "settings": settings.model_dump(mode="json"),
+        "model_config": model_config.model_dump(), "sequence_len": seq_len, "num_iterations": num_iterations,
+        "tokenizer_dir": str(tok_dir), "base_dir": str(base_dir()),
+        "init_checkpoint": str(source) if source else None,
+        "dtype": resolve_dtype(settings.dtype, use_gpu),
+        "threads_per_worker": max(1, cores // world) if not use_gpu else 1,
+        "stop_at_step": stop_at_step, "debug_pid_dir": debug_pid_dir, "dataset_skip_rows": dataset_skip_rows,
+    }
+    env = {k: v for k, v in worker_env().items() if k != "NANOCHAT_BASE_DIR"}
+    opts = ray.train.DataConfig.default_ingest_options()
+    opts.preserve_order = True  # deterministic order: resume replays exactly the consumed rows
+    trainer = TorchTrainer(
+        _worker_entry,
+        train_loop_config=cfg,
+        scaling_config=ray.train.ScalingConfig(num_workers=world, use_gpu=use_gpu, resources_per_worker=resources),
+        run_config=ray.train.RunConfig(
+            name=name,
+            storage_path=storage,
+            failure_config=ray.train.FailureConfig(max_failures=preset.ray.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            callbacks=[_make_callback(str(metrics_path), str(stage_dir) if export else None), *(callbacks or [])],
+            worker_runtime_env={"env_vars": env},
+        ),
+        datasets=datasets,
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"], execution_options=opts),
+    )
+    log.info("%s/%s: %d steps, %d workers (%s), %.1fM params, ZeRO %d, %s, %s", stage, tag, num_iterations, world,
+             "GPU" if use_gpu else "CPU", num_params / 1e6, settings.zero_stage, settings.optimizer, cfg["dtype"])
+    t0 = time.time()
+    try:
+        result = trainer.fit()
+    except Exception as err:  # noqa: BLE001 - surface worker errors as one clear line
+        raise TrainError(f"{stage} training failed: {_root_cause(err)} (full logs above; run dir {run_dir})") from err
+    wall = time.time() - t0
+
+    return _finish(stage, tag, result.checkpoint, num_iterations, num_params, wall, stage_dir, metrics_path, run_dir,
+                   preset, source, export, write_summary=stop_at_step is None or stop_at_step >= num_iterations)
+
+
+def _completed_checkpoint(run_dir: Path, num_iterations: int):
+    """The run's final checkpoint when an earlier run of this stage/tag already reached ``num_iterations``."""
+    import ray.train
+
+    states = sorted(run_dir.glob("step_*/train_state.json"))
+    if states and json.loads(states[-1].read_text()).get("step", -1) >= num_iterations:
+        return ray.train.Checkpoint.from_directory(str(states[-1].parent))
+    return None
+
+
+def _finish(stage, tag, checkpoint, num_iterations, num_params, wall, stage_dir: Path, metrics_path: Path,
+            run_dir: Path, preset: Preset, source, export: bool, write_summary: bool = True) -> StageResult:
+    """Export the final model (if the callback has not yet), write summary.json, build the result."""
+    exported = None
+    if export and checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            for src in sorted((Path(d) / "model").glob("step_*")):
+                exported = stage_dir / src.name
+                if not (exported / "meta.json").exists():
+                    copy_checkpoint(src, exported)
+    out = StageResult(
+        stage=stage, tag=tag, checkpoint=str(exported) if exported else None, num_iterations=num_iterations,
+        num_params=num_params, wall_seconds=wall, metrics=read_last_metrics(metrics_path),
+        metrics_path=str(metrics_path), summary_path=str(stage_dir / "summary.json"), run_path=str(run_dir),
+    )
+    if write_summary:
+        summary = {**out.as_dict(), "config": preset.model_dump(mode="json"),
+                   "source_checkpoint": str(source) if source else None}
+        if wall == 0.0 and (stage_dir / "summary.json").exists():
+            return out  # nothing ran: keep the original summary (its wall-clock time is the real one)
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(stage_dir / "summary.json", json.dumps(summary, indent=2, default=str))
+    return out
+
+
+def _worker_entry(cfg: dict[str, Any]) -> None:
+    from nanochat.train.loop import train_loop_per_worker
+
+    train_loop_per_worker(cfg)
+
+
+def resolve_dtype(setting: str, use_gpu: bool) -> str:
+    """``auto`` = bf16 on GPUs (the worker falls back to fp32 where bf16 is missing), fp32 on CPU."""
+    if setting != "auto":
+        return setting
+    return "auto-gpu" if use_gpu else "float32"
+
+
+def read_last_metrics(path: Path) -> dict[str, Any]:
+    """The last value of every metric in a metrics.jsonl (later records win)."""
+    from nanochat.train.metrics import read_jsonl
+
+    merged: dict[str, Any] = {}
+    for record in read_jsonl(path):
+        merged.update({k: v for k, v in record.items() if k != "samples"})
+    return merged
+
+
+def load_preset_from(preset: Preset, overrides: list[str]) -> Preset:
+    """Apply ``key=value`` overrides to an already loaded preset (validated like the YAML ones)."""
+    import tempfile
+
+    from nanochat.config import dump_preset
+
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
+        f.write(dump_preset(preset))
+    try:
+        return load_preset(f.name, overrides)
+    finally:
+        os.unlink(f.name)
+
+
+def _root_cause(err: BaseException) -> str:
+    seen = err
+    while seen.__cause__ is not None:
+        seen = seen.__cause__
+    text = str(seen).strip().splitlines()
+    return text[-1] if text else type(seen).__name__

@@ -1,0 +1,149 @@
+"""Unit tests of the training loop's parts: schedule, batch arithmetic, optimizer recipe, bpb, validation."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from nanochat.config import ConfigError, TrainSettings, load_preset
+from nanochat.train.metrics import EMA, bits_per_byte, loss_nats_and_bytes
+from nanochat.train.optim import MuonAdamW, dmodel_lr_scale, muon_adamw_groups, orthogonalize
+from nanochat.train.schedule import (
+    BatchSizeError,
+    epoch_iterations,
+    grad_accum_steps,
+    is_due,
+    lr_multiplier,
+    pretrain_iterations,
+)
+
+
+def test_pretrain_schedule_warms_up_holds_then_decays_to_final_frac():
+    lrs = [lr_multiplier(s, 100, warmup_ratio=0.1, warmdown_ratio=0.2, final_lr_frac=0.05) for s in range(101)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert all(x == 1.0 for x in lrs[10:81])
+    assert lrs[90] == pytest.approx(0.5 + 0.5 * 0.05)
+    assert lrs[100] == pytest.approx(0.05)
+    assert all(a >= b for a, b in zip(lrs[80:], lrs[81:]))
+
+
+def test_midtrain_schedule_is_flat_until_80_percent_then_linear_to_zero():
+    lrs = [lr_multiplier(s, 50, 0.0, 0.2, 0.0) for s in range(51)]
+    assert all(x == 1.0 for x in lrs[:41])
+    assert lrs[45] == pytest.approx(0.5) and lrs[50] == 0.0
+
+
+def test_sft_schedule_decays_linearly_from_the_start():
+    lrs = [lr_multiplier(s, 10, 0.0, 1.0, 0.0) for s in range(11)]
+    assert lrs == pytest.approx([1 - s / 10 for s in range(11)])
+
+
+def test_grad_accum_divides_total_batch_or_explains_the_fix():
+    assert grad_accum_steps(8192, 16, 256, 1) == 2
+    assert grad_accum_steps(8192, 8, 256, 2) == 2
+    with pytest.raises(BatchSizeError, match=r"not divisible by device_batch_size x sequence_len x num_workers.*4096"):
+        grad_accum_steps(6000, 16, 256, 1)
+
+
+def test_horizons_from_ratio_and_epochs():
+    assert pretrain_iterations(7, 20, 10**6, 1000) == 7
+    assert pretrain_iterations(-1, 20, 10**6, 1000) == 20_000
+    assert epoch_iterations(-1, 2.0, 1000, 32) == 62
+    assert is_due(10, 5, 20) and is_due(20, -1, 20) and not is_due(0, 5, 20)
+
+
+def test_muon_with_any_zero_sharding_is_refused_with_the_allowed_values():
+    for stage in (1, 2, 3):
+        with pytest.raises(ConfigError, match="pretrain.*muon_adamw does not compose with zero_stage"):
+            load_preset("tiny", [f"pretrain.zero_stage={stage}"])
+    assert load_preset("tiny", ["pretrain.zero_stage=3", "pretrain.optimizer=adamw"]).pretrain.zero_stage == 3
+    with pytest.raises(ConfigError, match="zero_stage"):
+        load_preset("tiny", ["pretrain.zero_stage=4"])
+
+
+def test_muon_adamw_groups_scale_adamw_lrs_by_width(tiny_model_factory):
+    model = tiny_model_factory(n_embd=64)
+    settings = TrainSettings(embedding_lr=0.2, unembedding_lr=0.004, matrix_lr=0.02, init_lr_frac=0.5)
+    groups = {g["name"]: g for g in muon_adamw_groups(model, settings)}
+    s = dmodel_lr_scale(64)
+    assert s == pytest.approx((64 / 768) ** -0.5)
+    assert groups["embedding"]["lr"] == pytest.approx(0.2 * s * 0.5)
+    assert groups["lm_head"]["lr"] == pytest.approx(0.004 * s * 0.5)
+    assert groups["matrices"]["lr"] == pytest.approx(0.01) and groups["matrices"]["kind"] == "muon"
+
+
+def test_orthogonalize_pushes_singular_values_towards_one():
+    g = torch.randn(64, 32) @ torch.diag(torch.logspace(-1, 0.5, 32))  # singular values spread ~50x
+    sv = torch.linalg.svdvals(orthogonalize(g).float())
+    assert sv.max() / sv.min() < 2 and 0.5 < sv.min() and sv.max() < 1.3
+
+
+def test_muon_adamw_step_lowers_a_regression_loss():
+    torch.manual_seed(0)
+    w, emb = torch.nn.Parameter(torch.randn(16, 16) * 0.1), torch.nn.Parameter(torch.randn(8, 16))
+    target = torch.randn(16, 16)
+    opt = MuonAdamW([{"params": [w], "kind": "muon", "lr": 0.2}, {"params": [emb], "lr": 0.05}])
+    losses = []
+    for _ in range(30):
+        loss = ((w - target) ** 2).mean() + (emb**2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.7 * losses[0]
+
+
+def test_bits_per_byte_skips_special_and_ignored_targets():
+    token_bytes = torch.tensor([1, 2, 3, 0])  # id 3 is special
+    per_token = torch.tensor([1.0, 1.0, 5.0, 7.0])
+    targets = torch.tensor([0, 2, 3, -1])
+    nats, nbytes = loss_nats_and_bytes(per_token, targets, token_bytes)
+    assert nats.item() == pytest.approx(2.0) and nbytes.item() == 4
+    assert bits_per_byte(2.0, 4) == pytest.approx(2.0 / (math.log(2) * 4))
+    assert bits_per_byte(1.0, 0) == float("inf")
+
+
+def test_ema_is_debiased():
+    ema = EMA(0.9)
+    assert ema.update(3.0) == pytest.approx(3.0)
+    ema.update(3.0)
+    assert ema.get() == pytest.approx(3.0)
+
+
+def test_greedy_samples_continue_each_prompt(tiny_model_factory, tiny_tokenizer):
+    from nanochat.train.loop import greedy_samples
+
+    out = greedy_samples(tiny_model_factory(), tiny_tokenizer, ["The quick", "To be"], torch.device("cpu"), 4)
+    assert len(out) == 2 and out[0].startswith("The quick") and out[1].startswith("To be")
+
+
+def _save_ckpt(base_dir, model, tokenizer, stage: str, tag: str = "d2"):
+    from nanochat.checkpoint import checkpoint_dir, save_checkpoint
+
+    return save_checkpoint(checkpoint_dir(stage, tag, 5), model, model.config, tokenizer, stage=stage, step=5)
+
+
+def test_midtrain_refuses_a_checkpoint_of_the_wrong_stage(base_dir, tiny_model_factory, tiny_tokenizer):
+    from nanochat.checkpoint import CheckpointError
+    from nanochat.train.trainer import train_stage
+
+    path = _save_ckpt(base_dir, tiny_model_factory(), tiny_tokenizer, "sft")
+    with pytest.raises(CheckpointError, match="is a 'sft' checkpoint, but midtrain starts from a 'base' one"):
+        train_stage("midtrain", "tiny", from_checkpoint=str(path))
+    with pytest.raises(CheckpointError, match="no base checkpoint"):
+        train_stage("midtrain", "tiny")  # default source: the latest base checkpoint (none here)
+
+
+def test_sft_refuses_a_checkpoint_trained_with_another_tokenizer(base_dir, tiny_model_factory, tiny_tokenizer):
+    from _helpers_train import TEXT
+
+    from nanochat.checkpoint import CheckpointError
+    from nanochat.tokenizer import Tokenizer
+    from nanochat.train.trainer import train_stage
+
+    _save_ckpt(base_dir, tiny_model_factory(), tiny_tokenizer, "mid")
+    Tokenizer.train_from_iterator([TEXT] * 5, vocab_size=300).save(base_dir / "tokenizer")
+    with pytest.raises(CheckpointError, match="trained with tokenizer .* but .* holds tokenizer"):
+        train_stage("sft", "tiny")
