@@ -17,7 +17,6 @@ from pathlib import Path
 import torch
 
 
-
 class NanochatError(Exception):
     """An error whose message already tells the user what went wrong and how to fix it.
 

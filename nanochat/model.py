@@ -142,7 +142,6 @@ class KVCache:
 
     def begin(self, num_new: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Prepare one forward of ``num_new`` tokens per row: positions (B, T) and the attention mask."""
-        B = self.batch
         starts = self.seqlens
         if int(starts.max()) + num_new > self.max_len:
             raise ValueError(f"KV cache overflow: {int(starts.max())} + {num_new} > {self.max_len} positions")
