@@ -80,6 +80,7 @@ class TrainSettings(_Strict):
     save_every: int = Field(-1, description="checkpoint every N steps (-1: only at the end)")
     report_every: int = Field(10, ge=1, description="ray.train.report / log line every N steps")
     seed: int = Field(42, description="model init seed (pretrain) and per-step RNG")
+    chat_eval_problems: int = Field(0, ge=0, description="SFT: MMLU/ARC-Easy letter accuracy on N eval questions at each eval")
     mfu_peak_flops: float | None = Field(None, description="per-worker peak FLOP/s for MFU (default: table/measured)")
 
     @model_validator(mode="after")

@@ -128,8 +128,12 @@ def test_midtrain_then_sft_on_the_shared_loop_lower_their_losses(tokenizer_on_di
     evals = [r["val/loss"] for r in read_jsonl(mid.metrics_path) if "val/loss" in r]
     assert evals[-1] < evals[0]
     sft = train_stage("sft", "tiny", overrides=_chat_overrides("sft", 16) + ["sft.report_every=1",
-                                                                           "sft.init_lr_frac=0.5"])
+                                                                           "sft.init_lr_frac=0.5",
+                                                                           "sft.chat_eval_problems=8"])
     masked = [r["train/raw_loss"] for r in read_jsonl(sft.metrics_path) if r["step"] > 0 and "train/raw_loss" in r]
     # The masked (assistant-only) training loss goes down over the passes (batches differ step to step).
     assert sum(masked[-4:]) < sum(masked[:4]), masked
     assert load_checkpoint(sft.checkpoint, expected_stage="sft").meta["step"] == 16
+    # SFT also tracks multiple-choice letter accuracy at its eval steps (categorical, 8 questions each).
+    accs = [r for r in read_jsonl(sft.metrics_path) if "val/mmlu_acc" in r]
+    assert accs and all(0.0 <= r["val/mmlu_acc"] <= 1.0 and 0.0 <= r["val/arc-easy_acc"] <= 1.0 for r in accs)

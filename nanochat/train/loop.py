@@ -181,6 +181,22 @@ def greedy_samples(model: torch.nn.Module, tokenizer, prompts: list[str], device
     return out
 
 
+def _sft_categorical(model, tokenizer, device, autocast, problems: int, source: str) -> dict[str, float]:
+    """MMLU and ARC-Easy letter accuracy on the first ``problems`` eval questions (SFT progress check)."""
+    from nanochat.eval.chat_eval import accuracy, categorical_shard
+
+    was_training = model.training
+    model.eval()
+    out = {}
+    with torch.no_grad(), autocast():
+        for name in ("MMLU", "ARC-Easy"):
+            payload = {"task": name, "source": source, "batch_size": 8}
+            records = categorical_shard(model, tokenizer, payload, list(range(problems)), device=device)
+            out[f"val/{name.lower()}_acc"] = accuracy(records)
+    model.train(was_training)
+    return out
+
+
 def _model_state(engine, zero_stage: int, rank: int) -> dict[str, torch.Tensor] | None:
     """Full fp32 weights on rank 0 (ZeRO-3 gathers each parameter collectively first)."""
     module = engine.module
@@ -314,6 +330,9 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
             metrics.update(evaluator.run(engine.module, device, autocast))
             if stage != "base":
                 metrics.pop("val/bpb", None)
+            if stage == "sft" and settings.chat_eval_problems > 0 and rank == 0:
+                metrics.update(_sft_categorical(engine.module, tokenizer, device, autocast, settings.chat_eval_problems,
+                                                cfg.get("task_source", "builtin")))
         if prompts and settings.sample_every != 0 and (is_due(step, settings.sample_every, num_iterations)):
             samples = greedy_samples(engine.module, tokenizer, prompts, device)
             if rank == 0:

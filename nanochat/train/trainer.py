@@ -303,7 +303,7 @@ def train_stage(
     cfg = {
         "stage": stage, "tag": tag, "settings": settings.model_dump(mode="json"),
         "model_config": model_config.model_dump(), "sequence_len": seq_len, "num_iterations": num_iterations,
-        "tokenizer_dir": str(tok_dir), "base_dir": str(base_dir()),
+        "tokenizer_dir": str(tok_dir), "base_dir": str(base_dir()), "task_source": preset.mixture.source,
         "init_checkpoint": str(source) if source else None,
         "dtype": resolve_dtype(settings.dtype, use_gpu),
         "threads_per_worker": max(1, cores // world) if not use_gpu else 1,
