@@ -13,7 +13,18 @@ os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "torch_extensions"))
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+
+
+def _find_shared() -> Path:
+    """The project's shared reference/fixtures folder: $NANOCHAT_SHARED_DIR, next to the checkout, or /work/shared."""
+    candidates = [os.environ.get("NANOCHAT_SHARED_DIR"), Path(__file__).resolve().parents[1].parent / "shared", "/work/shared"]
+    for candidate in candidates:
+        if candidate and (Path(candidate) / "fixtures").is_dir():
+            return Path(candidate)
+    return Path(__file__).resolve().parents[1].parent / "shared"
+
+
+SHARED = _find_shared()
 FIXTURES = SHARED / "fixtures"
 
 TINY_TEXTS = [

@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import FIXTURES  # noqa: E402  (the shared fixtures folder, located once in conftest)
 from safetensors.torch import load_file
 
 from nanochat.model import GPT, GPTConfig, build_model, config_for_depth
 
-# Same location as conftest.FIXTURES (the shared fixtures next to the repository).
-PARITY = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "parity" / "nanochat-dec-tiny"
+PARITY = FIXTURES / "parity" / "nanochat-dec-tiny"
 
 
 @pytest.fixture(scope="module")

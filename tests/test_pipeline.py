@@ -75,11 +75,14 @@ def test_a_failed_stage_is_recorded_and_the_rerun_starts_there(base_dir, monkeyp
     import nanochat.pipeline as pipeline
 
     calls: list[str] = []
+    attempts = {"tok_eval": 0}
 
     def make(name):
         def run(preset, tag, fresh):
             calls.append(name)
-            if name == "tok_eval" and calls.count(name) == 1:
+            if name == "tok_eval":
+                attempts[name] += 1
+            if name == "tok_eval" and attempts[name] == 1:
                 raise RuntimeError("simulated crash")
             return {}
 
