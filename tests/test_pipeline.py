@@ -10,13 +10,13 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+from _ray_head import job_env, ray_head, submit_job
 
 from nanochat.common import NanochatError
 from nanochat.config import load_preset
@@ -156,57 +156,19 @@ def test_main_command_runs_every_stage_resumes_after_a_crash_in_sft_and_skips_wh
     assert all(f"{s:<9} done already" in third.stdout + third.stderr for s in STAGE_NAMES)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_for_port(port: int, proc: subprocess.Popen, timeout: float = 180) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        assert proc.poll() is None, "ray start --head exited early"
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(1)
-    raise TimeoutError(f"the Ray head's dashboard did not come up on port {port}")
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(1800)
 def test_pipeline_ray_job_submit_against_a_started_head_node(tmp_path):
     base = tmp_path / "nanochat"
-    env = _env(base)
-    env["RAY_AUTH_MODE"] = env.get("RAY_AUTH_MODE", "token")
-    port, dash = _free_port(), _free_port()
-    ray = str(VENV_BIN / "ray")
-    # --block keeps the head in this process group, so the test stops exactly this cluster (a plain
-    # `ray stop` would also kill the test session's own local Ray).
-    head = subprocess.Popen(
-        [ray, "start", "--head", "--block", f"--port={port}", "--num-cpus=4", f"--dashboard-port={dash}",
-         "--include-dashboard=true", f"--temp-dir={tmp_path / 'ray'}"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )
-    _wait_for_port(dash, head)
-    try:
-        minimal = [*E2E_OVERRIDES, "pretrain.num_iterations=4", "pretrain.eval_every=2", "pretrain.save_every=-1",
-                   "midtrain.num_iterations=2", "sft.num_iterations=2", "sft.save_every=-1",
-                   "eval.core_max_per_task=2", "eval.chat_max_problems=2"]
-        job = subprocess.run(
-            [ray, "job", "submit", f"--address=http://127.0.0.1:{dash}", "--working-dir", str(Path(__file__).parents[1]),
-             "--runtime-env-json", json.dumps({"env_vars": {"NANOCHAT_BASE_DIR": str(base)}}), "--",
-             sys.executable, "ray_jobs/pipeline.py", "--preset", "tiny", *_set_args(minimal)],
-            env=env, capture_output=True, text=True, timeout=1500,
-        )
-        out = job.stdout + job.stderr
-        assert job.returncode == 0, out[-5000:]
-        assert "succeeded" in out
-        assert (base / "report" / "report.md").exists()
-        assert all(s["status"] == "done" for s in _stages(base).values())
-    finally:
-        os.killpg(head.pid, signal.SIGTERM)
-        try:
-            head.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
+    env = job_env(base)
+    minimal = [*E2E_OVERRIDES, "pretrain.num_iterations=4", "pretrain.eval_every=2", "pretrain.save_every=-1",
+               "midtrain.num_iterations=2", "sft.num_iterations=2", "sft.save_every=-1",
+               "eval.core_max_per_task=2", "eval.chat_max_problems=2"]
+    with ray_head(env, tmp_path / "head.log") as address:
+        job = submit_job(address, env, ["python", "ray_jobs/pipeline.py", "--preset", "tiny", *_set_args(minimal)],
+                         timeout=1500)
+    out = job.stdout + job.stderr
+    assert job.returncode == 0, out[-5000:]
+    assert "succeeded" in out
+    assert (base / "report" / "report.md").exists()
+    assert all(s["status"] == "done" for s in _stages(base).values())
