@@ -59,6 +59,22 @@ class RunArtifacts:
 # ---- gathering -----------------------------------------------------------------------------------
 
 
+def normalize_eval_results(results: dict[str, Any]) -> dict[str, Any]:
+    """Accept the eval runner's layout (``core`` as a summary dict, ``num_examples`` per task, the step
+    in the checkpoint's meta) as well as the flat report contract (``core`` float, ``core_partial``…)."""
+    out = dict(results)
+    core = out.get("core")
+    if isinstance(core, dict):
+        out["core"] = core.get("core")
+        out.setdefault("core_partial", core.get("partial"))
+        out.setdefault("core_tasks", core.get("tasks"))
+    out["tasks"] = {name: {**t, "n": t.get("n", t.get("num_examples"))} for name, t in (out.get("tasks") or {}).items()}
+    if out.get("step") is None and out.get("checkpoint"):
+        meta = read_json(Path(out["checkpoint"]) / "meta.json")
+        out["step"] = (meta or {}).get("step")
+    return out
+
+
 def latest_tag(stage_root: Path) -> str | None:
     """The tag directory under ``stage_root`` touched most recently (None when there is none)."""
     if not stage_root.is_dir():
@@ -124,7 +140,7 @@ def collect(root: Path | None = None, tag: str | None = None) -> RunArtifacts:
         chosen = tag or (trained if trained and (eval_root / trained).is_dir() else latest_tag(eval_root))
         results = read_json(eval_root / chosen / "results.json") if chosen else None
         if results is not None:
-            evals[stage], eval_tags[stage] = results, chosen
+            evals[stage], eval_tags[stage] = normalize_eval_results(results), chosen
     tok_dir = root / "tokenizer"
     return RunArtifacts(root, read_json(tok_dir / "tok_train.json"), read_json(tok_dir / "tok_eval.json"),
                         stages, evals, eval_tags)

@@ -235,3 +235,18 @@ def test_duration_formatting():
     assert fmt_duration(None) == "-"
     assert fmt_duration(42) == "42s"
     assert fmt_duration(3 * 3600 + 51 * 60) == "3h51m"
+
+
+def test_eval_runner_layout_is_read_as_numbers(tmp_path):
+    """The eval runner writes CORE as a summary dict and num_examples per task; the report shows numbers."""
+    from nanochat.report import normalize_eval_results
+
+    ckpt = tmp_path / "step_000080"
+    ckpt.mkdir()
+    (ckpt / "meta.json").write_text('{"step": 80}')
+    results = {"kind": "base", "checkpoint": str(ckpt),
+               "tasks": {"copa": {"accuracy": 0.5, "centered": 0.0, "num_examples": 16}},
+               "core": {"core": 0.12, "partial": True, "tasks": ["copa"], "missing": {"winograd": "none"}}}
+    flat = normalize_eval_results(results)
+    assert flat["core"] == 0.12 and flat["core_partial"] is True and flat["core_tasks"] == ["copa"]
+    assert flat["tasks"]["copa"]["n"] == 16 and flat["step"] == 80
