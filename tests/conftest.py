@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -35,6 +37,20 @@ TINY_TEXTS = [
     "Numbers 12345 67890 3.14159 and 2024-11-28 appear here. " * 4,
     "日本語のテキストと中文文本, 한국어 텍스트, émojis 🎉🚀 and accents café naïve. " * 3,
 ]
+
+
+@contextlib.contextmanager
+def _base_dir_env(path: Path) -> Iterator[None]:
+    """Set $NANOCHAT_BASE_DIR for session-scoped set-up (monkeypatch is per test), then restore it."""
+    saved = os.environ.get("NANOCHAT_BASE_DIR")
+    os.environ["NANOCHAT_BASE_DIR"] = str(path)
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("NANOCHAT_BASE_DIR", None)
+        else:
+            os.environ["NANOCHAT_BASE_DIR"] = saved
 
 
 @pytest.fixture
@@ -94,15 +110,8 @@ def ray_session(tmp_path_factory):
 
     if os.environ.get("RAY_ADDRESS"):
         pytest.skip("tests start their own local Ray; unset RAY_ADDRESS")
-    saved = os.environ.get("NANOCHAT_BASE_DIR")
-    os.environ["NANOCHAT_BASE_DIR"] = str(tmp_path_factory.mktemp("ray_workers_base"))
-    try:
+    with _base_dir_env(tmp_path_factory.mktemp("ray_workers_base")):
         init_ray(num_cpus=4)
-    finally:
-        if saved is None:
-            os.environ.pop("NANOCHAT_BASE_DIR", None)
-        else:
-            os.environ["NANOCHAT_BASE_DIR"] = saved
     yield ray
     ray.shutdown()
 
@@ -110,20 +119,13 @@ def ray_session(tmp_path_factory):
 @pytest.fixture(scope="session")
 def _prepared_tiny_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("prepared_tiny")
-    saved = os.environ.get("NANOCHAT_BASE_DIR")
-    os.environ["NANOCHAT_BASE_DIR"] = str(root)
-    try:
+    with _base_dir_env(root):
         from nanochat.commands.tok import train_tokenizer
         from nanochat.config import load_preset
         from nanochat.data.pretrain_data import prepare
 
         prepare("builtin", progress=False)
         train_tokenizer(load_preset("tiny"), max_chars=3_000_000)
-    finally:
-        if saved is None:
-            os.environ.pop("NANOCHAT_BASE_DIR", None)
-        else:
-            os.environ["NANOCHAT_BASE_DIR"] = saved
     return root
 
 
