@@ -8,7 +8,7 @@
   ray.io/v1 CRDs: only the fields these manifests use (apiVersion, kind, the required spec fields,
   head/worker group templates, container images, resources and GPU limits). It catches typos and
   missing fields, not every constraint the operator enforces.
-* The GitHub workflow runs ``.ci/run`` and ``ruff check .``.
+* The GitHub workflow runs ``.ci/run`` (set-up, ``ruff check .``, every test) with CPU torch.
 """
 
 from __future__ import annotations
@@ -329,5 +329,10 @@ def test_ci_workflow_runs_the_test_command_and_ruff():
     workflow = load_yaml(ROOT / ".github" / "workflows" / "ci.yml")
     steps = [s.get("run", "") for job in workflow["jobs"].values() for s in job["steps"]]
     assert any(".ci/run" in s for s in steps)
-    assert any("ruff check ." in s for s in steps)
     assert (ROOT / ".ci" / "run").is_file()
+    # .ci/run is exactly the README's test command, which lints before it tests
+    assert "scripts/test.sh" in (ROOT / ".ci" / "run").read_text()
+    assert "ruff check ." in (ROOT / "scripts" / "test.sh").read_text()
+    assert "bash scripts/test.sh" in (ROOT / "README.md").read_text()
+    # a CPU runner must not pull PyPI's CUDA torch
+    assert "download.pytorch.org/whl/cpu" in workflow["jobs"]["test"]["env"]["TORCH_SPEC"]
