@@ -70,13 +70,16 @@ def ray_head(env: dict[str, str], log_path: Path) -> Iterator[str]:
 
 
 def submit_job(address: str, env: dict[str, str], entrypoint: list[str], timeout: float = 900) -> subprocess.CompletedProcess:
-    """`ray job submit --working-dir REPO -- ENTRYPOINT`, retried while the job agent is still starting."""
-    for _ in range(30):
+    """`ray job submit --working-dir REPO -- ENTRYPOINT`, retried while the job agent is still starting.
+
+    On a loaded 2-core machine the head's job agent can take minutes to register after the dashboard
+    answers, so retries run against a deadline rather than a fixed count."""
+    deadline = time.time() + 420
+    while True:
         job = subprocess.run(
             [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(REPO), "--", *entrypoint],
             env=env, capture_output=True, text=True, timeout=timeout,
         )
-        if "No available agent" not in job.stdout + job.stderr:
+        if "No available agent" not in job.stdout + job.stderr or time.time() > deadline:
             return job
-        time.sleep(2)
-    return job
+        time.sleep(5)
