@@ -310,8 +310,7 @@ def train_stage(
         "stop_at_step": stop_at_step, "debug_pid_dir": debug_pid_dir, "dataset_skip_rows": dataset_skip_rows,
     }
     env = {k: v for k, v in worker_env().items() if k != "NANOCHAT_BASE_DIR"}
-    opts = ray.train.DataConfig.default_ingest_options()
-    opts.preserve_order = True  # deterministic order: resume replays exactly the consumed rows
+    from nanochat.data.pipeline import pretrain_data_config
     trainer = TorchTrainer(
         _worker_entry,
         train_loop_config=cfg,
@@ -325,7 +324,8 @@ def train_stage(
             worker_runtime_env={"env_vars": env},
         ),
         datasets=datasets,
-        dataset_config=ray.train.DataConfig(datasets_to_split=["train"], execution_options=opts),
+        # ordered ingest (resume replays exactly the consumed rows); val is not split across workers
+        dataset_config=pretrain_data_config(datasets_to_split=["train"]),
     )
     log.info("%s/%s: %d steps, %d workers (%s), %.1fM params, ZeRO %d, %s, %s", stage, tag, num_iterations, world,
              "GPU" if use_gpu else "CPU", num_params / 1e6, settings.zero_stage, settings.optimizer, cfg["dtype"])
