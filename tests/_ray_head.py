@@ -43,9 +43,14 @@ def ray_head(env: dict[str, str], log_path: Path) -> Iterator[str]:
     # address there, so ray.init() calls elsewhere on this machine do not try to join this cluster.
     temp_dir = tempfile.mkdtemp(prefix="rayjob-", dir="/tmp")
     port, dash = _free_port(), _free_port()
+    # Every per-node agent port is chosen free too: the test session's embedded Ray already holds the
+    # defaults (the dashboard agent's 52365), and a head whose agent cannot bind never accepts a job
+    # ("No available agent to submit job").
+    agent_ports = [f"--{flag}={_free_port()}" for flag in (
+        "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port", "metrics-export-port")]
     head = subprocess.Popen(
         [str(BIN / "ray"), "start", "--head", "--block", f"--port={port}", "--num-cpus=4", f"--temp-dir={temp_dir}",
-         "--include-dashboard=true", f"--dashboard-port={dash}", "--disable-usage-stats"],
+         "--include-dashboard=true", f"--dashboard-port={dash}", *agent_ports, "--disable-usage-stats"],
         env=env, stdout=open(log_path, "w"), stderr=subprocess.STDOUT, start_new_session=True,
     )
     address = f"http://127.0.0.1:{dash}"
@@ -72,9 +77,8 @@ def ray_head(env: dict[str, str], log_path: Path) -> Iterator[str]:
 def submit_job(address: str, env: dict[str, str], entrypoint: list[str], timeout: float = 900) -> subprocess.CompletedProcess:
     """`ray job submit --working-dir REPO -- ENTRYPOINT`, retried while the job agent is still starting.
 
-    On a loaded 2-core machine the head's job agent can take minutes to register after the dashboard
-    answers, so retries run against a deadline rather than a fixed count."""
-    deadline = time.time() + 420
+    On a loaded 2-core machine the head's job agent can register a while after the dashboard answers."""
+    deadline = time.time() + 180
     while True:
         job = subprocess.run(
             [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(REPO), "--", *entrypoint],
