@@ -148,6 +148,7 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--requests-per-client", type=int, default=2)
     parser.add_argument("--stream-interval-ms", type=float, default=50.0, help="serve.stream_interval_ms")
+    parser.add_argument("--cpu-threads", type=int, default=None, help="serve.cpu_threads (default: every core)")
     args = parser.parse_args()
 
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
@@ -168,6 +169,8 @@ def main() -> int:
     serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config={"log_level": "WARNING"})
     common = {"checkpoint": str(checkpoint)}
     extra = ["max_waiting=256", f"stream_interval_ms={args.stream_interval_ms}"]
+    if args.cpu_threads:
+        extra.append(f"cpu_threads={args.cpu_threads}")
     serve.run(build_app({**common, "overrides": [f"max_batch_size={args.batch}", *extra]}),
               name="batched", route_prefix="/batched")
     serve.run(build_app({**common, "overrides": ["max_batch_size=1", *extra]}),
@@ -176,7 +179,7 @@ def main() -> int:
     model = read_meta(checkpoint).get("tag") or checkpoint.parent.name
 
     result: dict = {"bench": "serve", "max_tokens": args.max_tokens, "batch": args.batch,
-                    "stream_interval_ms": args.stream_interval_ms, "model": {"checkpoint": str(checkpoint), "n_layer": args.n_layer, "n_embd": args.n_embd}}
+                    "stream_interval_ms": args.stream_interval_ms, "cpu_threads": args.cpu_threads, "model": {"checkpoint": str(checkpoint), "n_layer": args.n_layer, "n_embd": args.n_embd}}
     # warm-up both apps (first requests pay allocation and lazy init)
     for app in ("batched", "single"):
         asyncio.run(load(f"{base}/{app}", model, 2, 4, 8))

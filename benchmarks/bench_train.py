@@ -4,9 +4,11 @@ Same model, same rows, same batch and optimizer (torch AdamW), same threads, in 
 the plain loop runs before and after the Ray runs (their mean is the baseline, which cancels
 drift on a shared machine); the Ray path runs with 1 worker at ZeRO 0 and ZeRO 2 and reads its
 steady-state tokens/s from the reported windows (reporting and eval time excluded, data waits
-included). On CPU it also times the plain loop in bf16 autocast vs fp32. Prints ONE JSON line.
+included). Both run in the dtype ``dtype: auto`` picks on this machine (bf16 autocast on GPUs and on
+CPUs with fast bf16). On CPU it also times the plain loop in bf16 autocast vs fp32. The defaults are
+the ``tiny`` preset's model shape (depth 4, 256 wide, 256 context). Prints ONE JSON line.
 
-    python benchmarks/bench_train.py [--steps 30] [--depth 2] [--seq 128] [--batch 8]
+    python benchmarks/bench_train.py [--steps 60] [--depth 4] [--seq 256] [--batch 8]
 """
 
 from __future__ import annotations
@@ -95,9 +97,9 @@ def ray_path(tokenizer, rows, args, zero_stage: int, dtype: str) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--depth", type=int, default=2)
-    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--depth", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--batch", type=int, default=8)
     args = parser.parse_args()
     os.environ.setdefault("NANOCHAT_BASE_DIR", tempfile.mkdtemp(prefix="bench-train-"))
@@ -107,14 +109,17 @@ def main() -> None:
     from nanochat.model import config_for_depth
     from nanochat.ray_utils import init_ray
     from nanochat.tokenizer import Tokenizer
+    from nanochat.train.trainer import resolve_dtype
 
     cuda = torch.cuda.is_available()
     tokenizer = Tokenizer.train_from_iterator([TEXT], vocab_size=256 + 9 + 40)
     tokenizer.save(Path(os.environ["NANOCHAT_BASE_DIR"]) / "tokenizer")
     config = config_for_depth(args.depth, tokenizer.vocab_size, sequence_len=args.seq, aspect_ratio=64, head_dim=64)
     rows = make_rows(tokenizer.vocab_size, args.seq, args.batch * (args.steps + 14))
-    dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32
-    dtype_name = "bfloat16" if dtype == torch.bfloat16 else "float32"
+    dtype_name = resolve_dtype("auto", cuda)
+    if dtype_name == "auto-gpu":
+        dtype_name = "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
+    dtype = torch.bfloat16 if dtype_name == "bfloat16" else torch.float32
     init_ray()
 
     before = plain_loop(config, rows, args.batch, args.steps, dtype)

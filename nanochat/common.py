@@ -53,7 +53,7 @@ def autodetect_device() -> torch.device:
 
 
 def default_compute_dtype(device: torch.device | str) -> torch.dtype:
-    """bf16 on GPUs that support it, fp32 elsewhere (training on CPU is fp32 for exactness)."""
+    """bf16 on GPUs that support it, fp32 elsewhere (inference on CPU: bf16 decoding measured slower)."""
     device = torch.device(device)
     if device.type == "cuda" and torch.cuda.is_bf16_supported():
         return torch.bfloat16

@@ -50,6 +50,9 @@ class DataSettings(_Strict):
     packing: Literal["bestfit", "stream"] = "bestfit"
     seed: int = 42
     tokenizer_threads: int = Field(1, ge=1)
+    ingest_buffer_mb: float | None = Field(
+        None, gt=0, description="object-store MiB Ray Data may fill ahead of the trainer (None: 32 micro-batches per worker, >= 16)"
+    )
 
 
 class TrainSettings(_Strict):
@@ -135,6 +138,9 @@ class ServeSettings(_Strict):
     downscale_delay_s: float = Field(60.0, ge=0)
     num_gpus: float | None = Field(None, ge=0, description="GPUs per replica (None: 1 when the cluster has GPUs)")
     stream_interval_ms: float = Field(50.0, ge=0, description="min gap between SSE chunks of one stream after the first")
+    cpu_threads: int | None = Field(
+        None, ge=1, description="torch threads of a CPU replica (None: Ray's default, the replica's num_cpus = 1)"
+    )
 
 
 class MixturePart(_Strict):

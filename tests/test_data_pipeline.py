@@ -129,7 +129,7 @@ def test_first_batch_arrives_long_before_the_stream_is_read(ray_session, data_en
     """Structural streaming check through Train's split: count tokenized batches at first delivery."""
     trace = tmp_path / "trace"
     trace.mkdir()
-    train, _ = build_pretrain_datasets(_preset(), data_env["base"] / "tokenizer", num_epochs=3, trace_dir=str(trace))
+    train, _ = build_pretrain_datasets(_preset(), data_env["base"] / "tokenizer", num_epochs=6, trace_dir=str(trace))
     (split,) = train.streaming_split(1, equal=True)
     batches = split.iter_torch_batches(batch_size=16, drop_last=True)
     next(iter(batches))
@@ -204,3 +204,57 @@ def test_torch_trainer_workers_consume_their_shards(ray_session, data_env):
     )
     result = trainer.fit()
     assert result.error is None
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_ingest_buffer_keeps_the_tokenizer_from_running_far_ahead_of_training(ray_session, data_env, tmp_path):
+    """Backpressure: on an endless stream the tokenize actor stops once the trainer's buffer is full.
+
+    Without the cap (Ray Data's default budget) this consumer pattern tokenized ~80 document batches
+    while training used ~15; with the 16 MiB floor, ~15."""
+    import json
+
+    import ray.train
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    trace = tmp_path / "trace"
+    trace.mkdir()
+    report = tmp_path / "report.json"
+
+    def loop(config):
+        import time
+
+        it = ray.train.get_dataset_shard("train")
+        rows = 0
+        for n, batch in enumerate(it.iter_torch_batches(batch_size=8, drop_last=True), start=1):
+            rows += len(batch["inputs"])
+            time.sleep(0.02)  # a (fast) training step
+            if n == 100:
+                break
+        time.sleep(3)  # an unbounded pipeline keeps tokenizing meanwhile
+        with open(config["report"], "w") as f:
+            json.dump({"rows": rows, "tokenized": len(os.listdir(config["trace"]))}, f)
+
+    train, val = build_pretrain_datasets(_preset(), data_env["base"] / "tokenizer", num_epochs=-1, trace_dir=str(trace))
+    buffer = pipeline.ingest_buffer_bytes(world=1, device_batch_size=8, seq_len=256)
+    trainer = TorchTrainer(
+        loop,
+        train_loop_config={"trace": str(trace), "report": str(report)},
+        datasets={"train": train, "val": val},
+        dataset_config=pipeline.pretrain_data_config(["train"], buffer_bytes=buffer),
+        scaling_config=ScalingConfig(num_workers=1, use_gpu=False, resources_per_worker={"CPU": 1}),
+        run_config=RunConfig(storage_path=str(data_env["base"] / "ray_results"), name="ingest_buffer"),
+    )
+    assert trainer.fit().error is None
+    got = json.loads(report.read_text())
+    # one document batch (256 documents) packs into >= 50 rows of 257 tokens: 800 rows need <= 16 of them
+    assert got["rows"] == 800
+    assert got["tokenized"] <= 32, f"{got['tokenized']} document batches tokenized for 800 rows: no backpressure"
+
+
+def test_ingest_buffer_scales_with_workers_and_batch_and_honours_the_setting():
+    assert pipeline.ingest_buffer_bytes(1, 8, 256) == 16 * 2**20  # the floor
+    assert pipeline.ingest_buffer_bytes(8, 32, 2048) == 32 * 8 * 32 * 2048 * 12
+    assert pipeline.ingest_buffer_bytes(1, 8, 256, buffer_mb=4) == 4 * 2**20

@@ -42,7 +42,7 @@ def server(ray_session, tmp_path_factory, tiny_tokenizer, tiny_model_factory):
     serve.run(build_app({"checkpoint": str(ckpt)}), name="main", route_prefix="/", blocking=False)
     keyed = build_app(
         {"checkpoint": str(ckpt), "api_key": API_KEY,
-         "overrides": ["max_batch_size=1", "max_waiting=1", "max_new_tokens=120"]}
+         "overrides": ["max_batch_size=1", "max_waiting=1", "max_new_tokens=120", "cpu_threads=2"]}
     )
     serve.run(keyed, name="keyed", route_prefix="/keyed", blocking=False)
     base = f"http://127.0.0.1:{port}"
@@ -260,6 +260,14 @@ def test_health_and_ui_are_served(server):
     assert h.status_code == 200 and h.json()["status"] == "ok" and h.json()["model"] == MODEL
     ui = httpx.get(server["base"] + "/", timeout=10)
     assert ui.status_code == 200 and "/v1/chat/completions" in ui.text and "nanochat" in ui.text
+
+
+def test_cpu_replica_threads_follow_ray_unless_cpu_threads_is_set(server):
+    # Ray sizes a 1-CPU actor's thread pool to 1 (the faster choice on 2 cores); serve.cpu_threads overrides it.
+    main = httpx.get(server["base"] + "/stats", timeout=10).json()
+    keyed = httpx.get(server["base"] + "/keyed/stats", timeout=10).json()
+    assert main["torch_threads"] == 1
+    assert keyed["torch_threads"] == 2
 
 
 def test_multi_turn_history_hits_the_prefix_cache_and_invalidate_drops_it(server, client):

@@ -30,7 +30,14 @@ import torch
 import torch.distributed as dist
 
 from nanochat.config import TrainSettings
-from nanochat.train.metrics import EMA, Throughput, bits_per_byte, loss_nats_and_bytes, peak_flops
+from nanochat.train.metrics import (
+    EMA,
+    Throughput,
+    bits_per_byte,
+    loss_nats_and_bytes,
+    measure_matmul_flops,
+    peak_flops,
+)
 from nanochat.train.optim import build_optimizer, remember_initial_lrs, set_lr
 from nanochat.train.schedule import grad_accum_steps, is_due, lr_multiplier, muon_momentum
 
@@ -294,6 +301,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
         val_shard = None
     evaluator = Evaluator(val_shard, settings, seq_len, tokenizer.token_bytes(), rank, world) if val_shard else None
     peak, peak_source = (settings.mfu_peak_flops, "config") if settings.mfu_peak_flops else peak_flops(device, dtype)
+    remeasure_peak = peak_source == "measured"
     tokens_per_step = settings.total_batch_size
     stop_at = cfg.get("stop_at_step")
     wall0 = time.time() - float(loop_state.get("train_seconds", 0.0))
@@ -341,6 +349,10 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
         report_due = save_due or bool(metrics) or (step > start_step and step % settings.report_every == 0)
         if report_due:
             window = meter.window()
+            if step > start_step and remeasure_peak:
+                # Measured at start-up, the peak reads low while other workers and data actors start on
+                # the same cores (MFU > 100%); a second measurement once training runs keeps the higher.
+                peak, remeasure_peak = measure_matmul_flops(device, dtype, fresh=True), False
             if step > start_step:  # a window of training steps lies behind this report
                 metrics.update({
                     "train/loss": ema.get(), "train/raw_loss": step_loss, "train/lr_mult": last_mult,

@@ -37,6 +37,9 @@ log = get_logger(__name__)
 
 STAGES = {"pretrain": "base", "midtrain": "mid", "sft": "sft"}
 SECTION = {"base": "pretrain", "mid": "midtrain", "sft": "sft"}
+# bf16 autocast trains ~2x faster than fp32 on CPUs with native bf16 (avx512_bf16/AMX, where bf16
+# matmuls measure ~4x fp32); on CPUs that emulate it, it is slower. Choose it only when clearly faster.
+CPU_BF16_MIN_SPEEDUP = 2.0
 
 
 class TrainError(NanochatError):
@@ -310,7 +313,9 @@ def train_stage(
         "stop_at_step": stop_at_step, "debug_pid_dir": debug_pid_dir, "dataset_skip_rows": dataset_skip_rows,
     }
     env = {k: v for k, v in worker_env().items() if k != "NANOCHAT_BASE_DIR"}
-    from nanochat.data.pipeline import pretrain_data_config
+    from nanochat.data.pipeline import ingest_buffer_bytes, pretrain_data_config
+
+    buffer = ingest_buffer_bytes(world, settings.device_batch_size, seq_len, preset.data.ingest_buffer_mb)
     trainer = TorchTrainer(
         _worker_entry,
         train_loop_config=cfg,
@@ -325,7 +330,7 @@ def train_stage(
         ),
         datasets=datasets,
         # ordered ingest (resume replays exactly the consumed rows); val is not split across workers
-        dataset_config=pretrain_data_config(datasets_to_split=["train"]),
+        dataset_config=pretrain_data_config(datasets_to_split=["train"], buffer_bytes=buffer),
     )
     log.info("%s/%s: %d steps, %d workers (%s), %.1fM params, ZeRO %d, %s, %s", stage, tag, num_iterations, world,
              "GPU" if use_gpu else "CPU", num_params / 1e6, settings.zero_stage, settings.optimizer, cfg["dtype"])
@@ -382,10 +387,18 @@ def _worker_entry(cfg: dict[str, Any]) -> None:
 
 
 def resolve_dtype(setting: str, use_gpu: bool) -> str:
-    """``auto`` = bf16 on GPUs (the worker falls back to fp32 where bf16 is missing), fp32 on CPU."""
+    """``auto`` = bf16 autocast on GPUs (the worker falls back to fp32 where bf16 is missing); on CPU,
+    bf16 where this machine's bf16 matmuls are clearly faster than fp32 (measured here, ~0.1 s), else fp32."""
     if setting != "auto":
         return setting
-    return "auto-gpu" if use_gpu else "float32"
+    if use_gpu:
+        return "auto-gpu"
+    from nanochat.train.metrics import cpu_bf16_speedup
+
+    speedup = cpu_bf16_speedup()
+    choice = "bfloat16" if speedup >= CPU_BF16_MIN_SPEEDUP else "float32"
+    log.info("dtype auto on CPU: bf16 matmuls run %.1fx fp32 here -> %s", speedup, choice)
+    return choice
 
 
 def read_last_metrics(path: Path) -> dict[str, Any]:
