@@ -258,3 +258,36 @@ def test_ingest_buffer_scales_with_workers_and_batch_and_honours_the_setting():
     assert pipeline.ingest_buffer_bytes(1, 8, 256) == 16 * 2**20  # the floor
     assert pipeline.ingest_buffer_bytes(8, 32, 2048) == 32 * 8 * 32 * 2048 * 12
     assert pipeline.ingest_buffer_bytes(1, 8, 256, buffer_mb=4) == 4 * 2**20
+
+
+def test_idle_backoff_sleeps_only_after_steps_that_did_not_wait():
+    import time
+
+    from nanochat.data.idle_backoff import IDLE_STEP_S, IdleBackoff
+
+    cb = IdleBackoff()
+    cb.on_execution_step(None)  # first step: nothing to compare with
+    assert cb.sleeps == 0
+    time.sleep(IDLE_STEP_S * 2)  # a step that blocked (ray.wait) for a while
+    cb.on_execution_step(None)
+    assert cb.sleeps == 0
+    cb.on_execution_step(None)  # back to back: the loop is spinning
+    assert cb.sleeps == 1
+
+
+def test_idle_backoff_installs_on_the_dataset_not_the_global_context(ray_session, data_env):
+    from ray.data import DataContext
+
+    from nanochat.data import idle_backoff
+
+    train, val = build_pretrain_datasets(_preset(), data_env["base"] / "tokenizer")
+    idle_backoff.install(train)
+    assert idle_backoff.IdleBackoff in train.context.custom_execution_callback_classes
+    assert idle_backoff.IdleBackoff not in val.context.custom_execution_callback_classes
+    assert idle_backoff.IdleBackoff not in DataContext.get_current().custom_execution_callback_classes
+
+
+def test_endless_stream_lists_about_two_thousand_paths():
+    assert pipeline.endless_epochs(9) == 223
+    assert pipeline.endless_epochs(1) == 1000
+    assert pipeline.endless_epochs(1800) == 2

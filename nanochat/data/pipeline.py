@@ -41,6 +41,7 @@ from __future__ import annotations
 import bisect
 import contextlib
 import random
+import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -54,7 +55,9 @@ MAX_BLOCK_BYTES = 256 * 1024  # small blocks: Train's equal split can stream (ra
 DATA_CPUS = 0.25  # per read task / actor: Train workers hold whole CPUs (ray-on-this-machine #2)
 # Fractional CPUs alone would let Ray start one worker process per 0.25 CPU (each ~2-5 s of imports
 # on 2 cores); a fixed, small number of concurrent read tasks keeps start-up cheap.
-ENDLESS_EPOCHS = 1000  # "num_epochs=-1": long enough for any run, still a finite file list
+# "num_epochs=-1": passes enough for any run, yet a file list Ray Data lists quickly (its file
+# listing costs CPU per path: 9 shards x 1000 passes took ~15 s of a core at start-up on 2 cores).
+ENDLESS_PATHS = 2000
 
 
 # ---- packing (pure numpy, unit-tested without Ray) ----------------------------------------------
@@ -172,6 +175,11 @@ def _small_blocks() -> Iterator[None]:
         ctx.target_max_block_size, ctx.execution_options.preserve_order = saved
 
 
+def endless_epochs(num_files: int) -> int:
+    """Passes for an "endless" stream: ~``ENDLESS_PATHS`` paths in all, at least 2 and at most 1000."""
+    return min(1000, max(2, -(-ENDLESS_PATHS // max(1, num_files))))
+
+
 def epoch_file_order(files: Sequence[Path], num_epochs: int, seed: int) -> list[str]:
     """Train files for ``num_epochs`` passes: epoch 0 in shard order, epoch e permuted by seed+e."""
     out: list[str] = []
@@ -277,7 +285,7 @@ def build_pretrain_datasets(
         "num_actors": num_actors or 1,
         "num_threads": data.tokenizer_threads,
     }
-    epochs = ENDLESS_EPOCHS if num_epochs == -1 else num_epochs
+    epochs = endless_epochs(len(train_files)) if num_epochs == -1 else num_epochs
     train_files = epoch_file_order(train_files, epochs, data.seed)
     train_ds = tokenized_dataset(train_files, skip_rows=skip_rows, trace_dir=trace_dir, **common)
     val_ds = tokenized_dataset([str(f) for f in val_files], **common)
@@ -310,8 +318,11 @@ def pretrain_data_config(datasets_to_split="all", buffer_bytes: float | None = N
     from ray.data import ExecutionOptions, ExecutionResources
     from ray.train import DataConfig
 
-    limits = DataConfig.default_ingest_options().resource_limits
-    if buffer_bytes is not None:
-        limits = ExecutionResources(cpu=limits.cpu, gpu=limits.gpu, object_store_memory=buffer_bytes, memory=limits.memory)
-    options = ExecutionOptions(resource_limits=limits, preserve_order=True, verbose_progress=False)
-    return DataConfig(datasets_to_split=datasets_to_split, execution_options=options)
+    with warnings.catch_warnings():  # Ray 2.60's own defaults trip its exclude_resources deprecation
+        warnings.simplefilter("ignore", DeprecationWarning)
+        limits = DataConfig.default_ingest_options().resource_limits
+        if buffer_bytes is not None:
+            limits = ExecutionResources(cpu=limits.cpu, gpu=limits.gpu, object_store_memory=buffer_bytes,
+                                        memory=limits.memory)
+        options = ExecutionOptions(resource_limits=limits, preserve_order=True, verbose_progress=False)
+        return DataConfig(datasets_to_split=datasets_to_split, execution_options=options)

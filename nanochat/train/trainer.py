@@ -313,9 +313,11 @@ def train_stage(
         "stop_at_step": stop_at_step, "debug_pid_dir": debug_pid_dir, "dataset_skip_rows": dataset_skip_rows,
     }
     env = {k: v for k, v in worker_env().items() if k != "NANOCHAT_BASE_DIR"}
+    from nanochat.data import idle_backoff
     from nanochat.data.pipeline import ingest_buffer_bytes, pretrain_data_config
 
     buffer = ingest_buffer_bytes(world, settings.device_batch_size, seq_len, preset.data.ingest_buffer_mb)
+    datasets = {name: idle_backoff.install(ds) for name, ds in datasets.items()}
     trainer = TorchTrainer(
         _worker_entry,
         train_loop_config=cfg,
