@@ -40,8 +40,10 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import os
 import random
 import warnings
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -176,8 +178,23 @@ def _small_blocks() -> Iterator[None]:
 
 
 def endless_epochs(num_files: int) -> int:
-    """Passes for an "endless" stream: ~``ENDLESS_PATHS`` paths in all, at least 2 and at most 1000."""
-    return min(1000, max(2, -(-ENDLESS_PATHS // max(1, num_files))))
+    """Passes for an "endless" stream: ~``ENDLESS_PATHS`` paths in all, at least 2 and at most 500."""
+    return min(500, max(2, -(-ENDLESS_PATHS // max(1, num_files))))
+
+
+def distinct_paths(paths: Sequence[str]) -> list[str]:
+    """Make repeated paths textually distinct: ``dir/./name`` for a file's 2nd read, ``dir/././name`` for its 3rd...
+
+    Ray Data 2.60 reads a path listed several times in one ``read_parquet`` only once (while its
+    metadata-based ``count()`` still counts every copy), which silently turned N epochs into one.
+    """
+    seen: Counter[str] = Counter()
+    out = []
+    for path in paths:
+        repeat, seen[path] = seen[path], seen[path] + 1
+        head, name = os.path.split(path)
+        out.append(os.path.join(head, *(["."] * repeat), name) if repeat else path)
+    return out
 
 
 def epoch_file_order(files: Sequence[Path], num_epochs: int, seed: int) -> list[str]:
@@ -286,7 +303,7 @@ def build_pretrain_datasets(
         "num_threads": data.tokenizer_threads,
     }
     epochs = endless_epochs(len(train_files)) if num_epochs == -1 else num_epochs
-    train_files = epoch_file_order(train_files, epochs, data.seed)
+    train_files = distinct_paths(epoch_file_order(train_files, epochs, data.seed))
     train_ds = tokenized_dataset(train_files, skip_rows=skip_rows, trace_dir=trace_dir, **common)
     val_ds = tokenized_dataset([str(f) for f in val_files], **common)
     val_rows = val_rows if val_rows is not None else -(-preset.pretrain.eval_tokens // T)
