@@ -148,7 +148,7 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--requests-per-client", type=int, default=2)
     parser.add_argument("--stream-interval-ms", type=float, default=50.0, help="serve.stream_interval_ms")
-    parser.add_argument("--cpu-threads", type=int, default=None, help="serve.cpu_threads (default: every core)")
+    parser.add_argument("--cpu-threads", type=int, default=None, help="serve.cpu_threads (default: Ray's, one thread per replica CPU)")
     args = parser.parse_args()
 
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")

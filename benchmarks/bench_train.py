@@ -106,6 +106,7 @@ def main() -> None:
     os.environ.setdefault("NANOCHAT_LOG_LEVEL", "WARNING")
     import torch
 
+    from nanochat.common import resolved_dtype
     from nanochat.model import config_for_depth
     from nanochat.ray_utils import init_ray
     from nanochat.tokenizer import Tokenizer
@@ -116,10 +117,8 @@ def main() -> None:
     tokenizer.save(Path(os.environ["NANOCHAT_BASE_DIR"]) / "tokenizer")
     config = config_for_depth(args.depth, tokenizer.vocab_size, sequence_len=args.seq, aspect_ratio=64, head_dim=64)
     rows = make_rows(tokenizer.vocab_size, args.seq, args.batch * (args.steps + 14))
-    dtype_name = resolve_dtype("auto", cuda)
-    if dtype_name == "auto-gpu":
-        dtype_name = "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
-    dtype = torch.bfloat16 if dtype_name == "bfloat16" else torch.float32
+    dtype = resolved_dtype(resolve_dtype("auto", cuda), "cuda" if cuda else "cpu")
+    dtype_name = "bfloat16" if dtype == torch.bfloat16 else "float32"
     init_ray()
 
     before = plain_loop(config, rows, args.batch, args.steps, dtype)

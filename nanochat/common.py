@@ -60,6 +60,13 @@ def default_compute_dtype(device: torch.device | str) -> torch.dtype:
     return torch.float32
 
 
+def resolved_dtype(name: str, device: torch.device | str) -> torch.dtype:
+    """The torch dtype of a resolved training dtype name (``auto-gpu``, ``bfloat16`` or ``float32``)."""
+    if name == "auto-gpu":
+        return default_compute_dtype(device)
+    return torch.bfloat16 if name == "bfloat16" else torch.float32
+
+
 @contextlib.contextmanager
 def atomic_directory(final: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary directory beside ``final``; on success it replaces ``final`` atomically.

@@ -147,3 +147,13 @@ def test_sft_refuses_a_checkpoint_trained_with_another_tokenizer(base_dir, tiny_
     Tokenizer.train_from_iterator([TEXT] * 5, vocab_size=300).save(base_dir / "tokenizer")
     with pytest.raises(CheckpointError, match="trained with tokenizer .* but .* holds tokenizer"):
         train_stage("sft", "tiny")
+
+
+def test_resolved_dtype_names_map_to_torch_dtypes():
+    import torch
+
+    from nanochat.common import resolved_dtype
+
+    assert resolved_dtype("bfloat16", "cpu") == torch.bfloat16
+    assert resolved_dtype("float32", "cpu") == torch.float32
+    assert resolved_dtype("auto-gpu", "cpu") == torch.float32  # no GPU: the worker falls back to fp32

@@ -240,12 +240,9 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     if device.type == "cpu":
         torch.set_num_threads(max(1, int(cfg.get("threads_per_worker") or 1)))
     settings = TrainSettings(**cfg["settings"])
-    if cfg["dtype"] == "auto-gpu":
-        from nanochat.common import default_compute_dtype
+    from nanochat.common import resolved_dtype
 
-        dtype = default_compute_dtype(device)
-    else:
-        dtype = torch.bfloat16 if cfg["dtype"] == "bfloat16" else torch.float32
+    dtype = resolved_dtype(cfg["dtype"], device)
     stage, num_iterations = cfg["stage"], int(cfg["num_iterations"])
     tokenizer = Tokenizer.load(cfg["tokenizer_dir"])
     model_config = GPTConfig(**cfg["model_config"])
