@@ -158,7 +158,7 @@ def main() -> int:
 
     from ray import serve
 
-    from nanochat.checkpoint import read_meta
+    from nanochat.checkpoint import checkpoint_tag
     from nanochat.ray_utils import init_ray
     from nanochat.serve.app import build_app
 
@@ -176,7 +176,7 @@ def main() -> int:
     serve.run(build_app({**common, "overrides": ["max_batch_size=1", *extra]}),
               name="single", route_prefix="/single")
     base = f"http://127.0.0.1:{port}"
-    model = read_meta(checkpoint).get("tag") or checkpoint.parent.name
+    model = checkpoint_tag(checkpoint)
 
     result: dict = {"bench": "serve", "max_tokens": args.max_tokens, "batch": args.batch,
                     "stream_interval_ms": args.stream_interval_ms, "cpu_threads": args.cpu_threads, "model": {"checkpoint": str(checkpoint), "n_layer": args.n_layer, "n_embd": args.n_embd}}

@@ -5,8 +5,10 @@ mid-write leaves the previous checkpoint intact. Loads validate everything they 
 :class:`CheckpointError` naming the file and the fix. The layout under ``$NANOCHAT_BASE_DIR``:
 ``checkpoints/<stage>/<tag>/step_<step:06d>/`` with stage in base | mid | sft.
 
-Training-state (optimizer / ZeRO shards, data position) is written next to these by the trainer
-in a ``train_state/`` subdirectory; this module only handles the portable model part.
+Training state (optimizer / ZeRO shards, data position) lives in Ray Train's run directory, not
+here (see docs/training.md); this module only handles the portable model part. A checkpoint's tag
+(its model id in the API, ``checkpoint list`` and reports) is the one recorded in ``meta.json``;
+:func:`checkpoint_tag` is the one place that reads it.
 """
 
 from __future__ import annotations
@@ -56,7 +58,7 @@ class Checkpoint:
 
     @property
     def tag(self) -> str:
-        return self.meta.get("tag") or self.path.parent.name
+        return checkpoint_tag(self.path, self.meta)
 
 
 def checkpoints_root(stage: str) -> Path:
@@ -78,8 +80,14 @@ def save_checkpoint(
     step: int,
     metrics: dict[str, Any] | None = None,
     extra: dict[str, Any] | None = None,
+    tag: str | None = None,
 ) -> Path:
-    """Atomically write a checkpoint directory and return its path."""
+    """Atomically write a checkpoint directory and return its path.
+
+    ``tag`` is recorded in meta.json as the model's id; default: the layout's tag folder
+    (``.../<tag>/step_N``) or the directory's own name. Writers that build a checkpoint somewhere
+    else first (the trainer writes into a temp folder Ray then copies) must pass it.
+    """
     if tokenizer.vocab_size != config.vocab_size:
         raise CheckpointError(f"tokenizer vocab {tokenizer.vocab_size} != model vocab {config.vocab_size}")
     state = model.state_dict() if isinstance(model, torch.nn.Module) else model
@@ -89,7 +97,7 @@ def save_checkpoint(
         "format_version": FORMAT_VERSION,
         "stage": stage,
         "step": int(step),
-        "tag": directory.parent.name if directory.name.startswith("step_") else directory.name,
+        "tag": tag or _layout_tag(directory),
         "model_config": config.model_dump(),
         "tokenizer": {"fingerprint": tokenizer.fingerprint, "vocab_size": tokenizer.vocab_size},
         "metrics": metrics or {},
@@ -102,6 +110,30 @@ def save_checkpoint(
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2, default=str))
         tokenizer.save(tmp / TOKENIZER_SUBDIR)
     return directory
+
+
+def _layout_tag(directory: Path) -> str:
+    return directory.parent.name if re.fullmatch(r"step_\d+", directory.name) else directory.name
+
+
+# Exports written before the trainer passed its tag recorded the name of its temp folder instead.
+_LEGACY_EXPORT_TAG = "model"
+
+
+def checkpoint_tag(directory: str | Path, meta: dict[str, Any] | None = None) -> str:
+    """A checkpoint's tag (model id): the one recorded in meta.json, else its layout's tag folder.
+
+    Checkpoints exported by earlier versions of the trainer recorded ``"model"`` (the temp folder the
+    trainer wrote into); for those the trainer's own tag, also kept in ``meta["extra"]["tag"]``,
+    is returned, else the layout's tag folder (``checkpoints/<stage>/<tag>/step_N``).
+    """
+    directory = Path(directory)
+    meta = read_meta(directory) if meta is None else meta
+    tag = meta.get("tag")
+    if tag == _LEGACY_EXPORT_TAG:
+        legacy = (meta.get("extra") or {}).get("tag")
+        tag = legacy or (_layout_tag(directory) if directory.name.startswith("step_") else tag)
+    return tag or _layout_tag(directory)
 
 
 def read_meta(directory: str | Path) -> dict[str, Any]:
@@ -196,6 +228,18 @@ def _check_state_dict(model: GPT, state: dict[str, torch.Tensor], path: Path) ->
 def _step_of(path: Path) -> int:
     m = re.fullmatch(r"step_(\d+)", path.name)
     return int(m.group(1)) if m else -1
+
+
+def prune_checkpoints(tag_dir: str | Path, keep: int) -> list[Path]:
+    """Delete all but the ``keep`` highest-step ``step_*`` folders of a tag folder; returns those deleted.
+
+    The highest step is always kept (``keep`` < 1 counts as 1).
+    """
+    steps = sorted((p for p in Path(tag_dir).glob("step_*") if p.is_dir() and _step_of(p) >= 0), key=_step_of)
+    doomed = steps[: -max(1, keep)]
+    for path in doomed:
+        shutil.rmtree(path, ignore_errors=True)
+    return doomed
 
 
 def list_checkpoints(stage: str, tag: str | None = None) -> list[Path]:

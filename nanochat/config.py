@@ -67,6 +67,10 @@ class TrainSettings(_Strict):
     zero_stage: Literal[0, 1, 2, 3] = 0
     offload_optimizer: bool = False
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    compile: bool | Literal["auto"] = Field(
+        "auto", description="torch.compile the training forward/backward and Muon's Newton-Schulz step "
+        "(auto: when the backend works, ZeRO < 3 and >= 2 min of training are left; see docs/training.md)"
+    )
     embedding_lr: float = 0.2
     unembedding_lr: float = 0.004
     matrix_lr: float = 0.02
@@ -81,6 +85,10 @@ class TrainSettings(_Strict):
     eval_tokens: int = Field(20 * 524_288, ge=1)
     sample_every: int = Field(2000, description="greedy samples every N steps (-1: only at the end)")
     save_every: int = Field(-1, description="checkpoint every N steps (-1: only at the end)")
+    keep_checkpoints: int = Field(
+        2, ge=1, description="newest checkpoints kept, both Ray's resume points and the exported "
+        "checkpoints/<stage>/<tag>/step_* models (the final one is always kept)"
+    )
     report_every: int = Field(10, ge=1, description="ray.train.report / log line every N steps")
     seed: int = Field(42, description="model init seed (pretrain) and per-step RNG")
     chat_eval_problems: int = Field(0, ge=0, description="SFT: MMLU/ARC-Easy letter accuracy on N eval questions at each eval")
@@ -141,6 +149,7 @@ class ServeSettings(_Strict):
     cpu_threads: int | None = Field(
         None, ge=1, description="torch threads of a CPU replica (None: Ray's default, the replica's num_cpus = 1)"
     )
+    tools: bool = Field(True, description="run the python calculator on <|python_start|>…<|python_end|> (as nanochat)")
 
 
 class MixturePart(_Strict):

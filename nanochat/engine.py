@@ -8,14 +8,19 @@ once (the last slot moves into the hole so running rows stay a contiguous prefix
 A request with ``n`` samples is prefilled once and its KV copied into ``n`` slots; each slot
 then samples its own first token with its own seeded generator.
 
-Per sequence: sampling (greedy at temperature 0, else temperature / top-k / top-p), the
-python-calculator tool (``python_start … python_end`` → forced ``output_start result
-output_end``), UTF-8-safe streaming text and stop strings. A prefix cache reuses the KV of
+Per sequence: sampling (:mod:`nanochat.sampling`: greedy below a tiny temperature, else
+temperature / top-k / top-p), the python-calculator tool (``python_start … python_end`` →
+forced ``output_start result output_end``), UTF-8-safe streaming text and stop strings. A prefix cache reuses the KV of
 recent prompts sharing a prefix (multi-turn chats). The engine works on token ids; it uses the
 tokenizer only for special ids, streaming text and the calculator. ``add``/``step``/``cancel``
 take one lock, so a server may call ``add``/``cancel`` from its event loop while a worker thread
 runs ``step``; ``generate*`` drive ``step`` themselves (other requests' events are kept for the
 next external ``step``).
+
+Faults stay with their owner: an exception while handling one sequence (sampling, tool,
+detokenizer, stop strings) finishes only that sequence with ``finish_reason="error"``; a failed
+prefill forward fails only its request; a failed batched decode forward fails exactly the rows in
+it. ``step`` goes on with everything else and does not raise for these.
 """
 
 from __future__ import annotations
@@ -31,21 +36,27 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from nanochat.common import NanochatError, get_logger
 from nanochat.detok import IncrementalDetokenizer, StopMatcher
 from nanochat.prefix_cache import PrefixCache
+from nanochat.sampling import GREEDY_BELOW, sample_token, seed_for
 from nanochat.tools import format_result, use_calculator
 
 log = get_logger("nanochat.engine")
 
 
 class SamplingParams(BaseModel):
-    """How to generate. ``temperature == 0`` is greedy and ignores ``seed``."""
+    """How to generate. ``temperature < GREEDY_BELOW`` (e.g. 0) is greedy and ignores ``seed``.
+
+    Admitted: finite ``temperature >= 0``; ``0 < top_p <= 1``; ``top_k >= 1``; ``seed`` in
+    ``[-2**63, 2**64)`` (what ``torch.Generator.manual_seed`` takes). Every admitted combination
+    samples without numerical errors.
+    """
 
     model_config = ConfigDict(extra="forbid")
 
     max_tokens: int = Field(256, ge=1)
-    temperature: float = Field(1.0, ge=0.0)
+    temperature: float = Field(1.0, ge=0.0, allow_inf_nan=False)
     top_k: int | None = Field(None, ge=1)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(2**63), lt=2**64)
     stop: list[str] = Field(default_factory=list)
     n: int = Field(1, ge=1)
     strict_context: bool = False
@@ -58,20 +69,31 @@ class SamplingParams(BaseModel):
             return []
         return [value] if isinstance(value, str) else value
 
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < GREEDY_BELOW
+
 
 class EngineError(NanochatError):
     """A request the engine cannot serve as given."""
 
 
 class ContextLengthError(EngineError):
-    """Prompt + max_tokens exceed the context and the caller asked for strict mode."""
+    """The prompt alone fills the context (no room for one new token) and the caller asked for strict mode."""
 
     def __init__(self, prompt_tokens: int, max_tokens: int, limit: int):
         self.prompt_tokens, self.max_tokens, self.limit = prompt_tokens, max_tokens, limit
         super().__init__(
-            f"prompt of {prompt_tokens} tokens + max_tokens {max_tokens} exceeds the context of {limit} tokens; "
-            f"shorten the prompt to at most {max(0, limit - max_tokens)} tokens or lower max_tokens"
+            f"the prompt of {prompt_tokens} tokens leaves no room for an answer in the context of {limit} tokens; "
+            f"shorten it to at most {limit - answer_room(max_tokens, limit)} tokens"
         )
+
+
+def answer_room(max_tokens: int, limit: int) -> int:
+    """Tokens kept free for the answer when a prompt must be shortened: ``min(max_tokens, limit // 4)``
+    (at least 1). The engine cuts an over-long prompt to ``limit - answer_room``; the CLI drops
+    earliest turns until this much room is left."""
+    return max(1, min(max_tokens, limit // 4))
 
 
 class QueueFullError(EngineError):
@@ -84,15 +106,18 @@ class TokenEvent:
 
     The event that finishes a sequence on a stop token carries that token's id; it is not part
     of :attr:`Completion.tokens` and adds no text beyond flushing held-back characters.
+    A sequence that failed ends with ``finish_reason="error"``, ``error`` set, ``token_id=-1``
+    and no text; the other sequences of the batch are not affected.
     """
 
     seq_id: int
     token_id: int
     text: str
     finished: bool = False
-    finish_reason: str | None = None  # "stop" | "length"
+    finish_reason: str | None = None  # "stop" | "length" | "error"
     index: int = 0  # which of the request's n samples
     forced: bool = False  # injected by the tool, not sampled
+    error: str | None = None  # "<ExceptionType>: <message>" when finish_reason == "error"
 
 
 @dataclass
@@ -102,6 +127,7 @@ class Completion:
     finish_reason: str
     index: int = 0
     prompt_tokens: int = 0
+    error: str | None = None  # set when finish_reason == "error"
 
 
 @dataclass
@@ -122,6 +148,7 @@ class _Seq:
     next_input: int = -1  # last chosen token, fed at the next decode step
     finished: bool = False
     finish_reason: str | None = None
+    error: str | None = None
 
 
 @dataclass
@@ -131,35 +158,6 @@ class _Request:
     params: SamplingParams
     seqs: list[_Seq]
     prefilled: int = 0  # prompt tokens already in the staging slot
-
-
-def seed_for(seed: int, index: int) -> int:
-    """Seed of sample ``index``: the request seed itself for sample 0, distinct ones after."""
-    return seed if index == 0 else (seed * 1_000_003 + index * 0x9E3779B97F4A7C15) % (1 << 63)
-
-
-def sample_token(
-    logits: torch.Tensor,
-    temperature: float,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    generator: torch.Generator | None = None,
-) -> int:
-    """Pick one id from ``logits`` (vocab,): argmax at temperature 0, else sample."""
-    if temperature == 0.0:
-        return int(logits.argmax())
-    logits = logits.float() / temperature
-    ids = None
-    if top_k is not None and top_k < logits.numel():
-        logits, ids = torch.topk(logits, top_k)
-    if top_p is not None and top_p < 1.0:
-        logits, order = torch.sort(logits, descending=True)
-        ids = order if ids is None else ids[order]
-        probs = torch.softmax(logits, dim=-1)
-        keep = (torch.cumsum(probs, dim=-1) - probs) < top_p  # the top token is always kept
-        logits = logits.masked_fill(~keep, float("-inf"))
-    choice = int(torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator))
-    return int(ids[choice]) if ids is not None else choice
 
 
 class Engine:
@@ -199,6 +197,9 @@ class Engine:
         self._lock = threading.RLock()
         self._next_id = 0
         self.tokens_generated = 0
+        self.seq_errors = 0  # sequences finished with finish_reason "error"
+        self.forward_failures = 0  # model forwards (decode batch or one prefill) that raised
+        self.last_error: str | None = None  # message of the latest forward failure
 
     # ---- continuous-batching core ---------------------------------------------------------
 
@@ -215,7 +216,8 @@ class Engine:
             )
         if bounded and self.max_waiting is not None and len(self._waiting) >= self.max_waiting:
             raise QueueFullError(f"{len(self._waiting)} requests are already waiting; retry later")
-        prompt = self._fit_context(list(prompt_tokens), params)
+        self._check_token_ids(prompt_tokens)
+        prompt, params = self._fit_context(list(prompt_tokens), params)
         with self._lock:
             seq_id, self._next_id = self._next_id, self._next_id + 1
             seqs = [self._new_seq(seq_id, i, params, prompt) for i in range(params.n)]
@@ -241,10 +243,16 @@ class Engine:
             events += self._decode()
         budget = self.prefill_chunk
         while budget > 0:
-            request = self._prefilling or self._admit()
-            if request is None:
+            try:
+                request = self._prefilling or self._admit()
+                if request is None:
+                    break
+                budget -= self._prefill(request, budget)
+            except Exception as err:  # the forward held only this request: only it fails
+                if self._prefilling is None:
+                    raise
+                events += self._fail_prefill(self._prefilling, err)
                 break
-            budget -= self._prefill(request, budget)
             if request.prefilled < len(request.prompt):
                 break
             events += self._start_decoding(request)
@@ -285,11 +293,17 @@ class Engine:
     def has_work(self) -> bool:
         return bool(self._slots or self._waiting or self._prefilling or self._stash)
 
+    def waiting_ids(self) -> set[int]:
+        """Ids of requests still queued (not yet prefilling): untouched by any model forward so far."""
+        return {r.seq_id for r in self._waiting}
+
     def stats(self) -> dict:
         out = {
             "running": self.num_running,
             "waiting": self.num_waiting,
             "tokens_generated": self.tokens_generated,
+            "seq_errors": self.seq_errors,
+            "forward_failures": self.forward_failures,
         }
         if self.prefix_cache is not None:
             out["prefix_cache"] = self.prefix_cache.stats()
@@ -335,7 +349,7 @@ class Engine:
                 self.cancel(r.seq_id)
         return [
             [
-                Completion(s.tokens, s.text, s.finish_reason or "length", s.index, len(r.prompt))
+                Completion(s.tokens, s.text, s.finish_reason or "length", s.index, len(r.prompt), s.error)
                 for s in r.seqs
             ]
             for r in requests
@@ -349,38 +363,54 @@ class Engine:
         return kept
 
     def chat_stream(self, conversation, params: SamplingParams | None = None) -> Iterator[str]:
-        """Text deltas of the assistant's reply to ``conversation`` (a dict with ``messages``)."""
+        """Text deltas of the assistant's reply to ``conversation`` (a dict with ``messages``).
+
+        Raises :class:`EngineError` if the sequence fails (see :class:`TokenEvent`).
+        """
         params = (params or SamplingParams()).model_copy(update={"n": 1})
         for events in self.generate(self.tokenizer.render_for_completion(conversation), params):
             for event in events:
+                if event.finish_reason == "error":
+                    raise EngineError(f"generation failed: {event.error}")
                 if event.text:
                     yield event.text
 
     # ---- internals -----------------------------------------------------------------------------
 
-    def _fit_context(self, prompt: list[int], params: SamplingParams) -> list[int]:
+    def _fit_context(self, prompt: list[int], params: SamplingParams) -> tuple[list[int], SamplingParams]:
+        """The prompt and params to run: ``max_tokens`` is an upper bound, capped to the room the prompt
+        leaves (never a reason to evict prompt tokens). Only a prompt that alone fills the context
+        (no room for one new token) is changed: strict mode raises :class:`ContextLengthError`;
+        otherwise BOS (if first) and the prompt's tail are kept so that :func:`answer_room` tokens are
+        free, with a warning. Turn-aware shortening (whole turns) is the caller's: see the CLI chat."""
         if not prompt:
             raise EngineError("the prompt is empty; pass at least one token (e.g. the bos token)")
         limit = self.max_seq_len
-        if len(prompt) + params.max_tokens <= limit:
-            return prompt
-        if params.strict_context:
-            raise ContextLengthError(len(prompt), params.max_tokens, limit)
-        keep = max(1, limit - params.max_tokens)
-        head = prompt[:1] if prompt[0] == self.tokenizer.get_bos_token_id() and keep > 1 else []
-        truncated = head + prompt[len(prompt) - (keep - len(head)) :]
-        log.warning(
-            "prompt of %d tokens + max_tokens %d exceeds the context of %d: keeping the last %d prompt tokens",
-            len(prompt),
-            params.max_tokens,
-            limit,
-            len(truncated),
-        )
-        return truncated
+        room = limit - len(prompt)
+        if room < 1:
+            if params.strict_context:
+                raise ContextLengthError(len(prompt), params.max_tokens, limit)
+            keep = limit - answer_room(params.max_tokens, limit)
+            head = prompt[:1] if prompt[0] == self.tokenizer.get_bos_token_id() and keep > 1 else []
+            truncated = head + prompt[len(prompt) - (keep - len(head)) :]
+            log.warning(
+                "the prompt of %d tokens does not fit the context of %d: keeping %sits last %d tokens",
+                len(prompt), limit, "BOS and " if head else "", keep - len(head),
+            )
+            prompt, room = truncated, limit - len(truncated)
+        if params.max_tokens > room:
+            params = params.model_copy(update={"max_tokens": room})
+        return prompt, params
+
+    def _check_token_ids(self, prompt: Sequence[int]) -> None:
+        vocab = self.model.config.vocab_size
+        bad = next((t for t in prompt if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise EngineError(f"prompt token id {bad} is out of range; ids must be in [0, {vocab})")
 
     def _new_seq(self, seq_id: int, index: int, params: SamplingParams, prompt: list[int]) -> _Seq:
         generator = None
-        if params.temperature > 0:
+        if not params.greedy:
             generator = torch.Generator(device=self.model.lm_head.weight.device)
             if params.seed is None:
                 generator.seed()
@@ -421,6 +451,7 @@ class Engine:
         if self._slots and self._reserved_tokens() + need > self.max_total_tokens:
             return None
         self._waiting.popleft()
+        self._prefilling = request  # set first: if anything below raises, _step fails this request
         cache, staging = self._ensure_cache(), self.max_batch_size
         cache.seqlens[staging] = 0
         if self.prefix_cache is not None:
@@ -452,25 +483,58 @@ class Engine:
             self.prefix_cache.insert(request.prompt, cache.k[:, staging, :plen], cache.v[:, staging, :plen])
         events = []
         for seq in request.seqs:
-            cache.copy_prefix(staging, len(self._slots), plen)
+            slot = len(self._slots)
             self._slots.append(seq)
-            events.append(self._emit(seq, *self._choose(seq, self._last_logits)))
+            try:
+                cache.copy_prefix(staging, slot, plen)
+                events.append(self._emit(seq, *self._choose(seq, self._last_logits)))
+            except Exception as err:  # this sample alone fails
+                events.append(self._fail(seq, err))
         cache.seqlens[staging] = 0
         self._prefilling = None
         return events
 
     def _decode(self) -> list[TokenEvent]:
         device = self.model.lm_head.weight.device
-        idx = torch.tensor([[s.next_input] for s in self._slots], dtype=torch.long, device=device)
-        logits = self.model(idx, kv_cache=self._cache.rows(0, len(self._slots)))[:, -1]
-        greedy = logits.argmax(dim=-1).tolist()
+        try:
+            idx = torch.tensor([[s.next_input] for s in self._slots], dtype=torch.long, device=device)
+            logits = self.model(idx, kv_cache=self._cache.rows(0, len(self._slots)))[:, -1]
+            greedy = logits.argmax(dim=-1).tolist()
+        except Exception as err:  # the batched forward failed: exactly the rows in it fail
+            self._forward_failed(err, "decode")
+            return [self._fail(seq, err, trace=False) for seq in self._slots]
         events = []
         for row, seq in enumerate(self._slots):
-            if seq.params.temperature == 0 and not seq.forced:
-                events.append(self._emit(seq, greedy[row], False))
-            else:
-                events.append(self._emit(seq, *self._choose(seq, logits[row])))
+            try:
+                if seq.params.greedy and not seq.forced:
+                    events.append(self._emit(seq, greedy[row], False))
+                else:
+                    events.append(self._emit(seq, *self._choose(seq, logits[row])))
+            except Exception as err:  # sampling, tool, detokenizer or stop matching of this row
+                events.append(self._fail(seq, err))
         return events
+
+    def _fail(self, seq: _Seq, err: BaseException, trace: bool = True) -> TokenEvent:
+        """Finish ``seq`` with ``finish_reason="error"`` (its slot is freed by ``_reap``)."""
+        message = f"{type(err).__name__}: {err}"
+        log.error("sequence %d.%d failed: %s", seq.seq_id, seq.index, message, exc_info=err if trace else None)
+        seq.finished, seq.finish_reason, seq.error = True, "error", message
+        self.seq_errors += 1
+        return TokenEvent(seq.seq_id, -1, "", True, "error", seq.index, False, message)
+
+    def _fail_prefill(self, request: _Request, err: BaseException) -> list[TokenEvent]:
+        """The prefill of ``request`` raised: end its samples with an error, free the staging slot."""
+        self._forward_failed(err, "prefill")
+        self._prefilling = None
+        if self._cache is not None:
+            self._cache.seqlens[self.max_batch_size] = 0
+        self._live.pop(request.seq_id, None)
+        return [self._fail(seq, err, trace=False) for seq in request.seqs]
+
+    def _forward_failed(self, err: BaseException, what: str) -> None:
+        self.forward_failures += 1
+        self.last_error = f"{what} forward failed: {type(err).__name__}: {err}"
+        log.error("%s", self.last_error, exc_info=err)
 
     def _choose(self, seq: _Seq, logits: torch.Tensor) -> tuple[int, bool]:
         """The next token and whether it was forced (tool output) rather than sampled."""
@@ -526,7 +590,7 @@ class Engine:
             seq = self._slots[slot]
             if not seq.finished:
                 continue
-            if store and self.prefix_cache is not None and seq.index == 0:
+            if store and self.prefix_cache is not None and seq.index == 0 and seq.finish_reason != "error":
                 n = int(cache.seqlens[slot])
                 tokens = (seq.prompt + seq.tokens)[:n]
                 self.prefix_cache.insert(tokens, cache.k[:, slot, :n], cache.v[:, slot, :n])

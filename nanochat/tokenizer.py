@@ -224,7 +224,9 @@ class Tokenizer:
 
     # ---- conversations --------------------------------------------------------------------
 
-    def render_conversation(self, conversation: Any, max_tokens: int = 2048) -> tuple[list[int], list[int]]:
+    def render_conversation(
+        self, conversation: Any, max_tokens: int = 2048, allow_empty: bool = False
+    ) -> tuple[list[int], list[int]]:
         """Render a chat to ``(ids, mask)``; mask 1 marks tokens the assistant is trained to produce.
 
         bos(0) · user_start(0) text(0) user_end(0) · assistant_start(0) text(1) assistant_end(1) …
@@ -232,8 +234,10 @@ class Tokenizer:
         python_end (all 1), ``python_output`` → output_start text output_end (all 0: the tool
         writes it at inference time). A leading system message is merged into the first user
         message with a blank line. Raises ValueError naming the message index and the rule.
+        ``allow_empty`` admits empty contents (an empty turn: start and end tokens only), which a
+        chat request may send but training data must not.
         """
-        messages = validate_conversation(conversation)
+        messages = validate_conversation(conversation, allow_empty)
         ids: list[int] = []
         mask: list[int] = []
 
@@ -268,14 +272,14 @@ class Tokenizer:
             add(special("<|assistant_end|>"), 1)
         return ids[:max_tokens], mask[:max_tokens]
 
-    def render_for_completion(self, conversation: Any) -> list[int]:
+    def render_for_completion(self, conversation: Any, allow_empty: bool = False) -> list[int]:
         """Prompt ids for generating the last assistant turn: drop it, render, add assistant_start."""
-        messages = validate_conversation(conversation)
+        messages = validate_conversation(conversation, allow_empty)
         if messages[-1]["role"] == "assistant":
             messages = messages[:-1]
         if not messages or messages[-1]["role"] != "user":
             raise ValueError("render_for_completion: the conversation must end with a user message")
-        ids, _ = self.render_conversation({"messages": messages}, max_tokens=1 << 62)
+        ids, _ = self.render_conversation({"messages": messages}, max_tokens=1 << 62, allow_empty=allow_empty)
         return ids + [self.encode_special("<|assistant_start|>")]
 
     def visualize(self, ids: Sequence[int], mask: Sequence[int]) -> str:
@@ -287,13 +291,13 @@ class Tokenizer:
         return "|".join(out)
 
 
-def validate_conversation(conversation: Any) -> list[dict[str, Any]]:
+def validate_conversation(conversation: Any, allow_empty: bool = False) -> list[dict[str, Any]]:
     """Check the chat rules and return the messages with any system message merged.
 
     Rules: ``{"messages": [...]}``; optional leading system message followed by a user one; then
     strict user/assistant alternation starting with user; user content is a non-empty str;
     assistant content is a non-empty str or a non-empty list of ``{"type", "text"}`` parts with
-    type in text/python/python_output.
+    type in text/python/python_output. ``allow_empty`` admits empty user/assistant contents.
     """
     if isinstance(conversation, dict):
         messages = conversation.get("messages")
@@ -312,7 +316,7 @@ def validate_conversation(conversation: Any) -> list[dict[str, Any]]:
             raise ValueError("message 0: system content must be a non-empty string")
         if len(out) < 2 or out[1]["role"] != "user":
             raise ValueError("message 0: a system message must be followed by a user message")
-        _check_user_content(out[1]["content"], 1)
+        _check_user_content(out[1]["content"], 1, allow_empty)
         out[1]["content"] = system + "\n\n" + out[1]["content"]
         out = out[1:]
         start = 1
@@ -327,25 +331,25 @@ def validate_conversation(conversation: Any) -> list[dict[str, Any]]:
                 "(roles must alternate user, assistant, … starting with user; system only first)"
             )
         if expected == "user":
-            _check_user_content(m["content"], index)
+            _check_user_content(m["content"], index, allow_empty)
         else:
-            _check_assistant_content(m["content"], index)
+            _check_assistant_content(m["content"], index, allow_empty)
     return out
 
 
-def _check_user_content(content: Any, index: int) -> None:
+def _check_user_content(content: Any, index: int, allow_empty: bool = False) -> None:
     if not isinstance(content, str):
         raise ValueError(f"message {index}: user content must be a string, got {type(content).__name__}")
-    if not content:
+    if not content and not allow_empty:
         raise ValueError(f"message {index}: content must not be empty")
 
 
-def _check_assistant_content(content: Any, index: int) -> None:
+def _check_assistant_content(content: Any, index: int, allow_empty: bool = False) -> None:
     if isinstance(content, str):
-        if not content:
+        if not content and not allow_empty:
             raise ValueError(f"message {index}: content must not be empty")
         return
-    if not isinstance(content, list) or not content:
+    if not isinstance(content, list) or not (content or allow_empty):
         raise ValueError(f"message {index}: assistant content must be a non-empty string or list of parts")
     for k, part in enumerate(content):
         if not isinstance(part, dict) or part.get("type") not in ASSISTANT_PART_TYPES:

@@ -31,6 +31,20 @@ def token_datasets(tokenizer, seq_len: int, train_rows: int, val_rows: int):
     }
 
 
+def write_text_shards(directory) -> None:
+    """Two real parquet shards in nanochat's layout (one `text` column); the last is val."""
+    from pathlib import Path
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    docs = [TEXT[i % 50:] * 3 for i in range(200)]
+    for i, part in enumerate((docs[:160], docs[160:])):
+        pq.write_table(pa.table({"text": part}), directory / f"shard_{i:05d}.parquet", compression="zstd")
+
+
 def tiny_overrides(stage: str = "pretrain", steps: int = 6, **extra) -> list[str]:
     """A 2-layer, 64-wide model on 32-token rows: a few seconds per run on 2 cores."""
     base = [

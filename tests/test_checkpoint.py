@@ -16,10 +16,12 @@ import torch
 from nanochat.checkpoint import (
     CheckpointError,
     checkpoint_dir,
+    checkpoint_tag,
     find_latest,
     import_nanochat,
     list_checkpoints,
     load_checkpoint,
+    prune_checkpoints,
     read_meta,
     resolve_checkpoint,
     save_checkpoint,
@@ -369,3 +371,40 @@ def test_cli_show_without_checkpoints_exits_2_with_hint(base_dir, capsys):
 def test_model_config_round_trips_through_meta(base_dir, model, tiny_tokenizer):
     path = _save(model, tiny_tokenizer)
     assert GPTConfig(**read_meta(path)["model_config"]) == model.config
+
+
+# ---- tags (the model id) ------------------------------------------------------------------------
+
+
+def test_a_checkpoint_written_outside_its_tag_folder_records_the_given_tag(base_dir, tmp_path, model, tiny_tokenizer):
+    # The trainer writes into <temp>/model/step_N first (Ray copies it); the id must be the run's tag.
+    path = save_checkpoint(tmp_path / "model" / "step_000003", model, model.config, tiny_tokenizer, stage="base",
+                           step=3, tag="d4")
+    assert read_meta(path)["tag"] == "d4" and load_checkpoint(path).tag == "d4"
+    assert read_meta(_save(model, tiny_tokenizer, tag="d2"))["tag"] == "d2"  # default: the layout's tag folder
+
+
+def test_exports_recorded_with_the_temp_folder_name_model_load_with_their_real_tag(base_dir, model, tiny_tokenizer,
+                                                                                 capsys):
+    # Exports by earlier versions recorded tag "model" (the trainer's temp folder) and the real tag in extra.
+    legacy = _save(model, tiny_tokenizer, tag="d4", step=5, extra={"tag": "d4"})
+    meta = json.loads((legacy / "meta.json").read_text())
+    (legacy / "meta.json").write_text(json.dumps({**meta, "tag": "model"}))
+    assert load_checkpoint(legacy).tag == "d4" and checkpoint_tag(legacy) == "d4"
+    bare = _save(model, tiny_tokenizer, tag="d6", step=5)  # no extra: the layout's tag folder
+    (bare / "meta.json").write_text(json.dumps({**read_meta(bare), "tag": "model"}))
+    assert checkpoint_tag(bare) == "d6"
+    assert cli_main(["checkpoint", "list"]) == 0
+    rows = [line.split()[:2] for line in capsys.readouterr().out.splitlines()[1:]]
+    assert rows == [["base", "d4"], ["base", "d6"]]
+
+
+def test_prune_keeps_the_newest_steps_and_always_the_last(tmp_path):
+    for step in (2, 10, 4, 6):
+        (tmp_path / f"step_{step:06d}").mkdir()
+    (tmp_path / "metrics.jsonl").write_text("")
+    deleted = prune_checkpoints(tmp_path, keep=2)
+    assert sorted(p.name for p in deleted) == ["step_000002", "step_000004"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl", "step_000006", "step_000010"]
+    prune_checkpoints(tmp_path, keep=0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl", "step_000010"]

@@ -369,3 +369,110 @@ def test_library_train_and_evaluate_tokenizer(base_dir, tmp_path):
     result = evaluate_tokenizer(offline=True, echo=False)
     assert result == json.loads((base_dir / "tokenizer" / "tok_eval.json").read_text())
     assert result["baselines"] == {"gpt2": False, "cl100k_base": False}
+
+
+# ---- context budget and tool display (issue 10 items 11, 15) -------------------------------------
+
+
+def test_chat_default_max_tokens_answers_from_the_whole_question(use_chat_base, capsys):
+    # --max-tokens defaults to 256 > the 128-token context: it used to evict all but 1 prompt token
+    question = "What is two plus two?"
+    assert cli_main(["chat", "-p", question, "--temperature", "0"]) == 0
+    out, err = capsys.readouterr()
+    from nanochat.checkpoint import load_checkpoint, resolve_checkpoint
+
+    tok = load_checkpoint(resolve_checkpoint(None)).tokenizer
+    ids = tok.render_for_completion({"messages": [{"role": "user", "content": question}]})
+    assert out == _expected_greedy(question, 128 - len(ids)) + "\n"
+    assert "does not fit" not in err and "keeping" not in err and "dropped" not in err
+
+
+def test_long_conversation_drops_earliest_exchanges_keeping_the_first(use_chat_base):
+    from nanochat.engine import answer_room
+
+    session = _session(system="be brief")  # max_tokens 6
+    questions = [f"question {i}: " + "tell me about the quick brown fox " * 2 for i in range(6)]
+    err = io.StringIO()
+    for q in questions:
+        session.reply(q, io.StringIO(), err)
+        assert len(session.tokens) <= 128  # what the model saw fit, with room for the answer
+    kept = [t.user for t in session.history]
+    assert kept[0] == questions[0] and kept[-1] == questions[-1]  # first (system) and newest exchange kept
+    assert kept == [questions[0], *questions[len(questions) - len(kept) + 1 :]]  # the earliest others dropped
+    assert len(kept) < len(questions) and "(context full: dropped the" in err.getvalue()
+    tok = session.tokenizer
+    first = tok.render_for_completion({"messages": [{"role": "user", "content": f"be brief\n\n{questions[0]}"}]})
+    assert session.tokens[: len(first)] == first
+    assert len(session.tokens) - len(session.history[-1].answer) + answer_room(6, 128) <= 128
+
+
+def test_a_message_too_long_for_the_context_is_refused_and_the_repl_goes_on(use_chat_base, capsys):
+    from nanochat.commands.chat import repl
+
+    session = _session()
+    out = io.StringIO()
+    assert repl(session, io.StringIO("tell me " * 200 + "\nhello\n"), out) == 0
+    assert "shorten the message" in capsys.readouterr().err
+    assert [t.user for t in session.history] == ["hello"]
+
+
+def test_calculator_calls_are_shown_readably_and_kept_exactly_in_the_history(tiny_tokenizer, tiny_model_factory):
+    from nanochat.commands.chat import ChatSession
+    from nanochat.engine import Engine, SamplingParams
+
+    tok = tiny_tokenizer
+    S = tok.encode_special
+    byte = lambda ch: tok.enc.encode_single_token(ch.encode())  # noqa: E731
+    script = [(S("<|assistant_start|>"), S("<|python_start|>")), (S("<|python_start|>"), byte("3")),
+              (byte("3"), byte("+")), (byte("+"), byte("4")), (byte("4"), S("<|python_end|>")),
+              (S("<|output_end|>"), byte("k")), (byte("k"), S("<|assistant_end|>"))]
+    model = _scripted(tiny_model_factory, script)
+    session = ChatSession(Engine(model, tok, max_batch_size=1), tok, SamplingParams(max_tokens=20, temperature=0))
+    out = io.StringIO()
+    shown = session.reply("what is 3+4?", out)
+    assert out.getvalue() == shown == "[calculator] 3+4 = 7\nk"
+    assert session.history[0].answer == [S("<|python_start|>"), byte("3"), byte("+"), byte("4"), S("<|python_end|>"),
+                                         S("<|output_start|>"), *tok.encode("7"), S("<|output_end|>"), byte("k"),
+                                         S("<|assistant_end|>")]
+
+
+def test_tool_view_shows_refused_and_interrupted_calls_and_dims_on_a_terminal(tiny_tokenizer):
+    from nanochat.commands.chat import ToolView
+
+    tok = tiny_tokenizer
+    S = tok.encode_special
+    view = ToolView(tok)
+    out = io.StringIO()
+    shown = view.start(out)
+    for token, text in [(1, "so "), (S("<|python_start|>"), ""), (2, "x*y"), (S("<|python_end|>"), ""), (3, "ok")]:
+        view.push(token, text)
+    view.push(S("<|python_start|>"), "")
+    view.push(4, "1+")
+    view.finish()  # interrupted inside a call
+    assert "".join(shown) == out.getvalue() == "so \n[calculator] x*y (no result)\nok\n[calculator] 1+ (no result)\n"
+
+    class TTY(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    tty = TTY()
+    shown = view.start(tty)
+    for token, text in [(S("<|python_start|>"), ""), (2, "2+2"), (S("<|python_end|>"), ""),
+                        (S("<|output_start|>"), ""), (5, "4"), (S("<|output_end|>"), "")]:
+        view.push(token, text)
+    assert tty.getvalue() == "\033[2m[calculator] 2+2 = 4\033[0m\n" and "".join(shown) == "[calculator] 2+2 = 4\n"
+
+
+def _scripted(factory, pairs: list[tuple[int, int]]):
+    """A real GPT that predicts ``b`` after ``a`` for each pair (blocks zeroed to the identity, so the
+    last hidden state is ``norm(wte[token])``; ``lm_head[b]`` is set to that vector)."""
+    m = factory(seed=1, n_layer=2, n_embd=64, seq=128)
+    with torch.no_grad():
+        for block in m.transformer.h:
+            block.attn.c_proj.weight.zero_()
+            block.mlp.c_proj.weight.zero_()
+        m.lm_head.weight.zero_()
+        hidden = torch.nn.functional.rms_norm(m.transformer.wte.weight, (m.config.n_embd,))
+        for a, b in pairs:
+            m.lm_head.weight[b] += hidden[a]
+    return m

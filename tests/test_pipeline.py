@@ -119,8 +119,9 @@ def test_main_command_runs_every_stage_resumes_after_a_crash_in_sft_and_skips_wh
     proc = subprocess.Popen(cmd, env=_env(base), stdout=log1, stderr=subprocess.STDOUT, start_new_session=True)
     sft_run = base / "ray_results" / "sft-d4"
     try:
-        while proc.poll() is None:  # kill the whole job once SFT has written its first checkpoint
-            if _stages(base).get("sft", {}).get("status") == "running" and any(sft_run.glob("step_*")):
+        while proc.poll() is None:  # kill the whole job once Ray has recorded SFT's first checkpoint
+            if _stages(base).get("sft", {}).get("status") == "running" and (
+                    sft_run / "checkpoint_manager_snapshot.json").exists():
                 os.killpg(proc.pid, signal.SIGKILL)
                 break
             time.sleep(1)

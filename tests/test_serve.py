@@ -1,15 +1,20 @@
 """The Serve app over real HTTP on a tiny real checkpoint, with the real ``openai`` client.
 
-One module-scoped Serve instance holds two applications: ``main`` at ``/`` (no API key) and
-``keyed`` at ``/keyed`` (API key, batch of 1, one waiting request: for 401 and 429). The UI
-browser test and the locust run are here too (``slow``) so they share the same app.
+One module-scoped Serve instance holds three applications: ``main`` at ``/`` (no API key),
+``keyed`` at ``/keyed`` (API key, batch of 1, one waiting request: for 401 and 429) and ``faulty``
+at ``/faulty`` (a checkpoint whose ``<|assistant_end|>`` embedding is NaN: a prompt holding that
+token makes its own sequence fail in the engine, a real per-sequence fault; the model never feeds
+that token back itself, since generating it ends the turn). The request fuzzer, the UI browser test
+and the locust run are here too so they share the same apps.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
+import socket
 import subprocess
 import sys
 import threading
@@ -20,7 +25,14 @@ import httpx
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _helpers_serve import build_tiny_checkpoint, free_port, wait_healthy  # noqa: E402
+from _helpers_serve import (  # noqa: E402
+    FUZZ_CHAT,
+    FUZZ_COMPLETION,
+    build_tiny_checkpoint,
+    free_port,
+    fuzz_cases,
+    wait_healthy,
+)
 
 openai = pytest.importorskip("openai")
 
@@ -45,11 +57,27 @@ def server(ray_session, tmp_path_factory, tiny_tokenizer, tiny_model_factory):
          "overrides": ["max_batch_size=1", "max_waiting=1", "max_new_tokens=120", "cpu_threads=2"]}
     )
     serve.run(keyed, name="keyed", route_prefix="/keyed", blocking=False)
+    faulty = _faulty_checkpoint(tmp_path_factory.mktemp("serve_faulty"), tiny_tokenizer, tiny_model_factory)
+    serve.run(build_app({"checkpoint": str(faulty), "overrides": ["max_batch_size=4"]}), name="faulty",
+              route_prefix="/faulty", blocking=False)
     base = f"http://127.0.0.1:{port}"
     wait_healthy(f"{base}/health")
     wait_healthy(f"{base}/keyed/health")
+    wait_healthy(f"{base}/faulty/health")
     yield {"base": base, "checkpoint": ckpt, "tokenizer": tiny_tokenizer}
     serve.shutdown()
+
+
+def _faulty_checkpoint(root: Path, tokenizer, model_factory) -> Path:
+    import torch
+
+    from nanochat.checkpoint import save_checkpoint
+
+    model = model_factory(seed=0, n_layer=2, n_embd=64, n_head=4, n_kv_head=4, seq=512)
+    with torch.no_grad():
+        model.transformer.wte.weight[tokenizer.encode_special("<|assistant_end|>")] = float("nan")
+    directory = root / "checkpoints" / "sft" / "tiny-faulty" / "step_000001"
+    return save_checkpoint(directory, model, model.config, tokenizer, stage="sft", step=1)
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +121,7 @@ def test_served_reply_equals_direct_engine_generation_and_usage_counts_its_token
     ckpt = load_checkpoint(server["checkpoint"])
     engine = Engine(ckpt.model, ckpt.tokenizer, prefix_cache=False)
     prompt = ckpt.tokenizer.render_for_completion({"messages": HELLO})
-    params = SamplingParams(max_tokens=20, temperature=0.9, top_k=50, top_p=0.95, seed=11, use_tools=False)
+    params = SamplingParams(max_tokens=20, temperature=0.9, top_k=50, top_p=0.95, seed=11)  # server: tools on
     [direct] = engine.generate_batch(prompt, params)
     assert r.choices[0].message.content == direct.text
     assert r.usage.completion_tokens == len(direct.tokens)
@@ -121,7 +149,34 @@ def test_n_returns_n_independent_choices(client):
     assert [c.index for c in r.choices] == [0, 1, 2]
     texts = [c.message.content for c in r.choices]
     assert len(set(texts)) > 1
-    assert r.usage.completion_tokens >= 3 * 0 and r.usage.prompt_tokens % 3 == 0
+
+
+def test_usage_counts_the_prompt_once_and_sums_completion_tokens_over_choices(server, client):
+    from nanochat.checkpoint import load_checkpoint
+    from nanochat.engine import Engine, SamplingParams
+
+    tok = server["tokenizer"]
+    messages = [{"role": "user", "content": "Hello there, how are you today?"}]
+    prompt = tok.render_for_completion({"messages": messages})
+    one = _chat(client, messages=messages, max_tokens=5, seed=1, temperature=1.0)
+    three = _chat(client, messages=messages, max_tokens=5, seed=1, temperature=1.0, n=3)
+    assert one.usage.prompt_tokens == three.usage.prompt_tokens == len(prompt)  # was 3x with n=3
+    ckpt = load_checkpoint(server["checkpoint"])
+    direct = Engine(ckpt.model, ckpt.tokenizer, prefix_cache=False).generate_batch(
+        prompt, SamplingParams(max_tokens=5, temperature=1.0, top_k=50, seed=1, n=3)
+    )
+    assert three.usage.completion_tokens == sum(len(c.tokens) for c in direct)
+    assert three.usage.total_tokens == len(prompt) + three.usage.completion_tokens
+    # completions: each prompt counted once, streamed usage too
+    prompts = ["The quick", "In the beginning"]
+    expected = sum(1 + len(tok.encode(p)) for p in prompts)  # bos + text
+    for n in (1, 2):
+        r = client.completions.create(model=MODEL, prompt=prompts, max_tokens=3, n=n, seed=2)
+        assert r.usage.prompt_tokens == expected and len(r.choices) == 2 * n
+        chunks = list(client.completions.create(model=MODEL, prompt=prompts, max_tokens=3, n=n, seed=2, stream=True,
+                                                stream_options={"include_usage": True}))
+        assert chunks[-1].usage.prompt_tokens == expected
+        assert chunks[-1].usage.completion_tokens == r.usage.completion_tokens
 
 
 def test_stop_string_cuts_the_reply_before_it(client):
@@ -154,7 +209,40 @@ def test_streaming_sends_role_first_then_deltas_finish_reason_usage_and_done(ser
         assert resp.headers["content-type"].startswith("text/event-stream")
         lines = [line for line in resp.iter_lines() if line]
     assert all(line.startswith("data: ") for line in lines) and lines[-1] == "data: [DONE]"
-    assert all(json.loads(line[6:])["usage"] is None for line in lines[:-1])
+    assert all("usage" not in json.loads(line[6:]) for line in lines[:-1])  # not asked for: left out
+
+
+def _sse_events(base: str, path: str, body: dict) -> list:
+    with httpx.stream("POST", base + path, json=body, timeout=60) as resp:
+        assert resp.status_code == 200 and resp.headers["content-type"].startswith("text/event-stream")
+        lines = [line for line in resp.iter_lines() if line]
+    assert all(line.startswith("data: ") for line in lines) and lines[-1] == "data: [DONE]", lines[-3:]
+    return [json.loads(line[6:]) for line in lines[:-1]]
+
+
+def test_streamed_objects_leave_out_unset_fields_as_openai_does(server):
+    base = server["base"]
+    events = _sse_events(base, "/v1/chat/completions", {"messages": HELLO, "max_tokens": 6, "seed": 4, "n": 2, "stream": True})
+    deltas = [(e["choices"][0]["index"], e["choices"][0]["delta"], e["choices"][0]["finish_reason"]) for e in events]
+    for e in events:
+        assert set(e) == {"id", "object", "created", "model", "choices"}  # no usage unless asked for
+        assert set(e["choices"][0]) == {"index", "delta", "logprobs", "finish_reason"}
+        assert e["choices"][0]["logprobs"] is None
+    for i in (0, 1):
+        mine = [(d, r) for c, d, r in deltas if c == i]
+        assert mine[0] == ({"role": "assistant", "content": ""}, None)  # the role once, first
+        assert all(set(d) == {"content"} and d["content"] and r is None for d, r in mine[1:-1])
+        assert mine[-1][0] == {} and mine[-1][1] in ("stop", "length")  # the finish: an empty delta
+    events = _sse_events(base, "/v1/chat/completions", {"messages": HELLO, "max_tokens": 3, "stream": True,
+                                                        "stream_options": {"include_usage": True}})
+    assert all(e["usage"] is None for e in events[:-1]) and events[-1]["usage"]["completion_tokens"] >= 1
+    events = _sse_events(base, "/v1/completions", {"prompt": "def add", "max_tokens": 3, "stream": True})
+    assert all(set(e) == {"id", "object", "created", "model", "choices"} for e in events)
+    assert all(set(e["choices"][0]) == {"index", "text", "logprobs", "finish_reason"} for e in events)
+    r = httpx.post(base + "/v1/chat/completions", json={"messages": HELLO, "max_tokens": 3}, timeout=30).json()
+    assert r["choices"][0]["message"] == {"role": "assistant", "content": r["choices"][0]["message"]["content"],
+                                          "refusal": None}
+    assert r["choices"][0]["logprobs"] is None and set(r["usage"]) == {"prompt_tokens", "completion_tokens", "total_tokens"}
 
 
 def test_text_parts_and_system_message_are_accepted(client):
@@ -184,11 +272,12 @@ ERROR_CASES = [
     # (body, status, param, code)
     ({**OK, "messages": []}, 400, "messages", "invalid_value"),
     ({**OK, "messages": [{"role": "robot", "content": "hi"}]}, 400, "messages.0.role", "invalid_value"),
-    ({**OK, "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}, 400, None, None),
+    ({**OK, "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}, 400,
+     "messages.0.content.0.type", "invalid_value"),
     ({**OK, "messages": [{"role": "user"}]}, 400, "messages.0.content", "missing_required_parameter"),
-    ({**OK, "messages": [{"role": "system", "content": "only system"}]}, 400, "messages", "invalid_messages"),
-    ({**OK, "messages": [{"role": "assistant", "content": "first"}]}, 400, "messages", "invalid_messages"),
-    ({**OK, "messages": [{"role": "user", "content": ""}]}, 400, "messages", "invalid_messages"),
+    ({**OK, "messages": [{"role": "user", "content": "x", "extra": 1}]}, 400, "messages.0.extra", "unknown_parameter"),
+    ({**OK, "messages": [{"role": "user", "content": "x"}, {"role": "tool", "tool_call_id": "c9", "content": "1"}]}, 400,
+     "messages.1.tool_call_id", "invalid_messages"),
     ({**OK, "messages": "hello"}, 400, "messages", "invalid_value"),
     ({"model": MODEL}, 400, "messages", "missing_required_parameter"),
     ({**OK, "temperature": 2.5}, 400, "temperature", "invalid_value"),
@@ -226,6 +315,30 @@ def test_bad_chat_requests_get_openai_shaped_4xx(server, body, status, param, co
         assert err["code"] == code, err
 
 
+def _assert_openai_error(r: httpx.Response, status: int) -> dict:
+    assert r.status_code == status, r.text
+    assert r.headers["content-type"].startswith("application/json"), r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and isinstance(err["message"], str) and err["message"]
+    assert isinstance(err["type"], str) and (err["param"] is None or isinstance(err["param"], str))
+    assert err["code"] is None or isinstance(err["code"], str)
+    return err
+
+
+@pytest.mark.parametrize("route", ["/v1/chat/completions", "/v1/completions"])
+@pytest.mark.parametrize("raw", [
+    b"", b"{nope", b"[]", b"null", b'"text"',
+    b'{"model": "\\ud800", "messages": [], "prompt": "x"}',  # a lone surrogate (was a plain-text 500)
+    b'{"model": "\\udfff"}', b'{"user": "\xff\xfe"}', b'{"stop": "\xed\xa0\x80"}',  # invalid UTF-8
+    b'{"metadata": ' + b"[" * 5000 + b"]" * 5000 + b"}",  # deep nesting
+], ids=["empty", "truncated", "array", "null", "string", "surrogate", "low-surrogate", "bad-utf8", "cesu", "deep"])
+def test_malformed_or_non_unicode_bodies_get_invalid_json_400(server, route, raw):
+    r = httpx.post(server["base"] + route, content=raw, timeout=30, headers={"content-type": "application/json"})
+    err = _assert_openai_error(r, 400)
+    assert (err["type"], err["code"], err["param"]) == ("invalid_request_error", "invalid_json", None), err
+    assert "None" not in err["message"]
+
+
 def test_malformed_json_and_unknown_routes_are_openai_shaped(server):
     r = httpx.post(server["base"] + "/v1/chat/completions", content=b"{nope", timeout=10,
                    headers={"content-type": "application/json"})
@@ -242,6 +355,210 @@ def test_openai_client_raises_typed_errors(client):
     with pytest.raises(openai.BadRequestError) as info:
         _chat(client, max_tokens=100_000)
     assert info.value.code == "context_length_exceeded"
+
+
+# ---- messages: what OpenAI accepts is accepted (the table in docs/api.md) ----------------------------
+
+from test_serve_messages import ACCEPTED, REJECTED  # noqa: E402  (the same rows as the unit tests)
+
+
+@pytest.mark.parametrize("name,messages,conversation,open_turn", ACCEPTED, ids=[row[0] for row in ACCEPTED])
+def test_messages_openai_accepts_are_served_and_rendered_as_nanochat_turns(server, name, messages, conversation, open_turn):
+    tok = server["tokenizer"]
+    if open_turn:
+        ids, _ = tok.render_conversation({"messages": conversation}, max_tokens=1 << 30, allow_empty=True)
+        expected = len(ids) - 1  # the last assistant turn stays open: the reply continues it
+    else:
+        expected = len(tok.render_for_completion({"messages": conversation}, allow_empty=True))
+    r = httpx.post(server["base"] + "/v1/chat/completions", json={"messages": messages, "max_tokens": 1}, timeout=30)
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["prompt_tokens"] == expected
+
+
+@pytest.mark.parametrize("messages,param,code", REJECTED, ids=[str(i) for i in range(len(REJECTED))])
+def test_messages_openai_rejects_get_a_400_naming_the_field(server, messages, param, code):
+    r = httpx.post(server["base"] + "/v1/chat/completions", json={"messages": messages, "max_tokens": 1}, timeout=30)
+    err = _assert_openai_error(r, 400)
+    assert (err["param"], err["code"]) == (param, code), err
+
+
+# ---- limits: a request that can never be admitted is a 400, not a 429 ---------------------------------
+
+
+def test_a_batch_larger_than_the_server_ever_admits_is_a_400_naming_the_limit(server):
+    limit = httpx.get(server["base"] + "/stats", timeout=10).json()["max_waiting"]
+    body = {"model": MODEL, "prompt": ["a"] * (limit + 1), "max_tokens": 1}
+    err = _assert_openai_error(httpx.post(server["base"] + "/v1/completions", json=body, timeout=30), 400)
+    assert err["param"] == "prompt" and str(limit) in err["message"]
+    r = httpx.post(server["base"] + "/v1/completions", json={**body, "prompt": ["a"] * limit}, timeout=120)
+    assert r.status_code == 200 and len(r.json()["choices"]) == limit  # the limit itself fits an idle server
+
+
+# ---- auth comes first ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("raw", [b"", b"{nope", b'{"x": 1}', b'{"model": "\\ud800"}', json.dumps(OK).encode()])
+def test_api_key_is_checked_before_the_body_on_every_closed_route(server, raw):
+    base = server["base"] + "/keyed"
+    for path in ("/v1/chat/completions", "/v1/completions", "/cache/invalidate"):
+        r = httpx.post(base + path, content=raw, timeout=10, headers={"content-type": "application/json"})
+        assert _assert_openai_error(r, 401)["code"] == "invalid_api_key", path
+    for path in ("/v1/models", "/v1/models/nope"):
+        assert _assert_openai_error(httpx.get(base + path, timeout=10), 401)["code"] == "invalid_api_key", path
+    for path in ("/health", "/stats", "/", "/openapi.json", "/docs"):  # the open routes docs/api.md lists
+        assert httpx.get(base + path, timeout=10).status_code == 200, path
+    schema = httpx.get(base + "/openapi.json", timeout=10).json()
+    assert "messages" in schema["components"]["schemas"]["ChatCompletionRequest"]["properties"]
+
+
+# ---- engine faults stay with their request -------------------------------------------------------------
+
+
+def _run_all(fns: list) -> list:
+    results: list = [None] * len(fns)
+
+    def run(i: int) -> None:
+        try:
+            results[i] = fns[i]()
+        except BaseException as err:  # reported by the assertion below, with the others' results
+            results[i] = err
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(fns))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    return results
+
+
+def test_an_engine_fault_fails_only_its_own_request_with_an_openai_error(server):
+    base = server["base"] + "/faulty"
+    tok = server["tokenizer"]
+    bos = tok.get_bos_token_id()
+    poison = [bos, tok.encode_special("<|assistant_end|>"), *tok.encode("x")]
+    bad = {"prompt": poison, "max_tokens": 8, "temperature": 1.0, "seed": 1}
+    good = {"messages": HELLO, "max_tokens": 40, "temperature": 1.0}
+    calls = [
+        lambda: httpx.post(base + "/v1/completions", json=bad, timeout=120),
+        lambda: httpx.post(base + "/v1/completions", json={**bad, "stream": True}, timeout=120),
+        *[lambda i=i: _sse_events(base, "/v1/chat/completions", {**good, "seed": i, "stream": True}) for i in range(3)],
+        *[lambda i=i: httpx.post(base + "/v1/chat/completions", json={**good, "seed": 10 + i}, timeout=120) for i in range(2)],
+    ]
+    plain_bad, stream_bad, *rest = _run_all(calls)
+    for r in (plain_bad, stream_bad):  # failed before any output: an HTTP error, as OpenAI does
+        err = _assert_openai_error(r, 500)
+        assert (err["type"], err["code"]) == ("server_error", "engine_error") and "generation failed" in err["message"]
+    for events in rest[:3]:
+        assert not isinstance(events, BaseException), events
+        assert not any("error" in e for e in events) and any(e["choices"] and e["choices"][0]["finish_reason"] for e in events)
+    for r in rest[3:]:
+        assert r.status_code == 200, r.text
+    # failing after output was sent: the stream ends with an error event, then [DONE]. With n = the batch
+    # size (4), the poisoned second prompt starts only once the first prompt's 4 choices are done.
+    body = {"prompt": [[bos, *tok.encode("The quick")], poison], "n": 4, "max_tokens": 4, "temperature": 1.0,
+            "seed": 3, "stream": True}
+    events = _sse_events(base, "/v1/completions", body)
+    assert events[:-1] and all(e["choices"][0]["index"] < 4 for e in events[:-1])  # the first prompt's output
+    assert set(events[-1]) == {"error"} and events[-1]["error"]["code"] == "engine_error"
+    faulty = openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0, timeout=60)
+    with pytest.raises(openai.APIError, match="generation failed"):  # the client raises the error event
+        list(faulty.completions.create(model="tiny-faulty", **body))
+    assert httpx.get(base + "/health", timeout=10).status_code == 200
+    assert httpx.get(base + "/stats", timeout=10).json()["seq_errors"] >= 2
+
+
+def test_a_tiny_temperature_among_twelve_requests_in_flight_fails_nobody(server):
+    base = server["base"]
+    health: list[int] = []
+    stop = threading.Event()
+
+    def poll():
+        while not stop.is_set():
+            health.append(httpx.get(base + "/health", timeout=10).status_code)
+            time.sleep(0.05)
+
+    def chat(i: int, stream: bool, **kw):
+        body = {"messages": HELLO, "max_tokens": 30, "seed": i, "temperature": 1.0, **kw}
+        if stream:
+            events = _sse_events(base, "/v1/chat/completions", {**body, "stream": True})  # asserts [DONE]
+            assert not any("error" in e for e in events)
+            return 200
+        return httpx.post(base + "/v1/chat/completions", json=body, timeout=120).status_code
+
+    calls = [lambda i=i: chat(i, stream=i % 2 == 0) for i in range(11)]
+    calls.append(lambda: chat(99, stream=True, temperature=1e-40))  # once failed the whole batch
+    poller = threading.Thread(target=poll)
+    poller.start()
+    results = _run_all(calls)
+    stop.set()
+    poller.join()
+    assert results == [200] * 12, results
+    assert health and set(health) == {200}
+
+
+# ---- client disconnects are normal ---------------------------------------------------------------------
+
+
+def test_client_disconnects_are_counted_and_not_logged_as_errors(server, client):
+    import ray
+
+    params = {"max_tokens": 400, "temperature": 0.0}
+    if _chat(client, **params).choices[0].finish_reason != "length":
+        params = {"max_tokens": 400, "temperature": 1.0, "seed": _long_seed(client, max_tokens=400)}
+    stats = lambda: httpx.get(server["base"] + "/stats", timeout=10).json()  # noqa: E731
+    before = stats()["disconnects"]
+    body = {"model": MODEL, "messages": HELLO, **params}
+    for _ in range(2):  # streams: hang up after the first content delta
+        with httpx.stream("POST", server["base"] + "/v1/chat/completions", json={**body, "stream": True}, timeout=30) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: ") and json.loads(line[6:])["choices"][0]["delta"].get("content"):
+                    break
+    # not streamed: hang up while the reply is being generated
+    host, port = server["base"].removeprefix("http://").split(":")
+    payload = json.dumps(body).encode()
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     + f"Content-Length: {len(payload)}\r\n\r\n".encode() + payload)
+        deadline = time.monotonic() + 30
+        while stats()["running"] == 0 and time.monotonic() < deadline:
+            time.sleep(0.02)
+    deadline = time.monotonic() + 30
+    while stats()["disconnects"] < before + 3 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert stats()["disconnects"] == before + 3
+    logs = Path(ray._private.worker._global_node.get_logs_dir_path())
+    for path in logs.rglob("*"):
+        if path.is_file() and path.suffix in (".err", ".out", ".log"):
+            text = path.read_text(errors="replace")
+            assert "unhandled error" not in text, f"{path}: {text[text.find('unhandled error') - 300:][:1500]}"
+
+
+# ---- fuzzing: no body of any shape gets a 5xx ---------------------------------------------------------
+
+
+def test_fuzzed_bodies_never_get_a_5xx_and_every_error_is_openai_shaped(server):
+    from nanochat.serve.openai_types import ChatCompletionRequest, CompletionRequest
+
+    rng = random.Random(1234)
+    cases = (fuzz_cases("/v1/chat/completions", {"model": MODEL, **FUZZ_CHAT}, ChatCompletionRequest, rng)
+             + fuzz_cases("/v1/completions", {"model": MODEL, **FUZZ_COMPLETION}, CompletionRequest, rng))
+    seen: dict[int, int] = {}
+    with httpx.Client(base_url=server["base"], timeout=120, headers={"content-type": "application/json"}) as http:
+        for route, raw in cases:
+            with http.stream("POST", route, content=raw) as r:
+                seen[r.status_code] = seen.get(r.status_code, 0) + 1
+                body = r.read()
+                case = f"{route} {raw[:300]!r} -> {r.status_code} {body[:300]!r}"
+                assert r.status_code < 500, case
+                if r.status_code != 200:
+                    _assert_openai_error(httpx.Response(r.status_code, headers=r.headers, content=body), r.status_code)
+                elif r.headers["content-type"].startswith("text/event-stream"):
+                    lines = [line for line in body.decode().split("\n") if line]
+                    assert lines[-1] == "data: [DONE]" and '"error"' not in body.decode(), case
+                else:
+                    assert json.loads(body)["choices"], case
+    assert len(cases) > 500 and seen.get(200, 0) > 10 and seen.get(400, 0) > 400, seen
+    assert httpx.get(server["base"] + "/health", timeout=10).status_code == 200
 
 
 # ---- models, health, stats, cache ------------------------------------------------------------------
@@ -360,25 +677,23 @@ def test_api_key_required_when_configured(server):
 
 def test_full_queue_answers_429_and_the_rest_complete(server):
     base = server["base"] + "/keyed"
-    codes: list[int] = []
-    bodies: list[dict] = []
+    responses: list[httpx.Response] = []
 
     def one():
-        r = httpx.post(
+        responses.append(httpx.post(
             base + "/v1/chat/completions", timeout=120, headers={"Authorization": f"Bearer {API_KEY}"},
             json={"model": MODEL, "messages": HELLO, "max_tokens": 100, "seed": 1, "temperature": 0},
-        )
-        codes.append(r.status_code)
-        bodies.append(r.json())
+        ))
 
     threads = [threading.Thread(target=one) for _ in range(10)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
+    codes = [r.status_code for r in responses]
     assert set(codes) <= {200, 429} and 429 in codes and 200 in codes
-    rejected = [b for c, b in zip(codes, bodies) if c == 429]
-    assert all(b["error"]["type"] == "rate_limit_error" for b in rejected)
+    rejected = [r for r in responses if r.status_code == 429]
+    assert all(r.json()["error"]["type"] == "rate_limit_error" and r.headers["retry-after"] for r in rejected)
 
 
 # ---- slow: browser UI and locust --------------------------------------------------------------------

@@ -55,13 +55,16 @@ def test_resume_after_a_stop_continues_at_the_same_step_and_data_position(tokeni
     assert stopped.metrics["step"] == 3 and stopped.metrics["rows_consumed"] == 3 * ROWS_PER_STEP
     resumed = _pretrain(tokenizer_on_disk, 6, tag="resumed")
     steps = [r["step"] for r in read_jsonl(resumed.metrics_path)]
-    assert steps == sorted(steps) and steps[-1] == 6 and 5 not in steps[: steps.index(3)]
+    assert steps == sorted(steps) and steps[-1] == 6 and steps.count(3) == 1  # step 3 is not re-reported
     assert resumed.metrics["rows_consumed"] == full.metrics["rows_consumed"] == 6 * ROWS_PER_STEP
     # Same weights, optimizer state and batches after the restart => the same training loss.
     assert resumed.metrics["train/raw_loss"] == pytest.approx(full.metrics["train/raw_loss"], abs=1e-4)
     assert resumed.metrics["val/loss"] == pytest.approx(full.metrics["val/loss"], abs=1e-4)
+    lines = read_jsonl(resumed.metrics_path)
     again = _pretrain(tokenizer_on_disk, 6, tag="resumed")  # already finished: no training, same model
-    assert again.wall_seconds == 0 and again.checkpoint == resumed.checkpoint
+    assert read_jsonl(again.metrics_path) == lines  # nothing trained or re-reported
+    assert again.checkpoint == resumed.checkpoint and again.metrics == resumed.metrics
+    assert again.wall_seconds == resumed.wall_seconds > 0  # the summary written when it finished is kept
 
 
 def test_invalid_batch_fails_before_any_worker_starts(base_dir, tiny_tokenizer):

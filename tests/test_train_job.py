@@ -6,10 +6,8 @@ import socket
 import sys
 from pathlib import Path
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
-from _helpers_train import TEXT, tiny_overrides
+from _helpers_train import tiny_overrides, write_text_shards
 from _ray_head import job_env, ray_head, submit_job
 
 REPO = Path(__file__).resolve().parents[1]
@@ -22,18 +20,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _write_shards(directory: Path) -> None:
-    """Two real parquet shards in nanochat's layout (one `text` column); the last is val."""
-    directory.mkdir(parents=True, exist_ok=True)
-    docs = [TEXT[i % 50:] * 3 for i in range(200)]
-    for i, part in enumerate((docs[:160], docs[160:])):
-        pq.write_table(pa.table({"text": part}), directory / f"shard_{i:05d}.parquet", compression="zstd")
-
-
 @pytest.mark.slow
 def test_ray_job_submit_runs_the_tiny_pretrain(base_dir, tiny_tokenizer, tmp_path):
     tiny_tokenizer.save(base_dir / "tokenizer")
-    _write_shards(base_dir / "data" / "builtin")
+    write_text_shards(base_dir / "data" / "builtin")
     env = job_env(base_dir)
     with ray_head(env, tmp_path / "head.log") as address:
         sets = [a for o in tiny_overrides(steps=4) for a in ("--set", o)]

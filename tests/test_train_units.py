@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -157,3 +158,67 @@ def test_resolved_dtype_names_map_to_torch_dtypes():
     assert resolved_dtype("bfloat16", "cpu") == torch.bfloat16
     assert resolved_dtype("float32", "cpu") == torch.float32
     assert resolved_dtype("auto-gpu", "cpu") == torch.float32  # no GPU: the worker falls back to fp32
+
+
+def test_keep_checkpoints_defaults_to_two_and_must_keep_one():
+    assert load_preset("tiny").pretrain.keep_checkpoints == 2
+    assert load_preset("tiny", ["sft.keep_checkpoints=5"]).sft.keep_checkpoints == 5
+    with pytest.raises(ConfigError, match="keep_checkpoints"):
+        load_preset("tiny", ["pretrain.keep_checkpoints=0"])
+
+
+def test_kill_point_is_read_from_the_environment_and_validated(monkeypatch):
+    import os
+
+    from nanochat.train.killpoints import ENV, KillPoint, kill_if_due, kill_point
+
+    monkeypatch.delenv(ENV, raising=False)
+    assert kill_point() is None
+    monkeypatch.setenv(ENV, "after_copy:04")
+    assert kill_point() == KillPoint("after_copy", 4, os.getpid())
+    kill_if_due(kill_point(), "after_copy", 5)  # another step (or phase): nothing happens
+    kill_if_due(kill_point(), "before_copy", 4)
+    monkeypatch.setenv(ENV, "during_lunch:4")
+    with pytest.raises(ValueError, match="before_copy, after_copy, after_record, before_export, after_export"):
+        kill_point()
+
+
+def test_a_folder_ray_never_recorded_is_not_a_resume_point(tmp_path):
+    from nanochat.train.resume import read_run_record, run_path
+
+    # A kill -9 between the copy and Ray's record leaves a complete-looking folder and no record.
+    state = tmp_path / "base-d4" / "step_000004" / "train_state.json"
+    state.parent.mkdir(parents=True)
+    state.write_text(json.dumps({"step": 4, "rows_consumed": 32}))
+    assert read_run_record(run_path(str(tmp_path), "base-d4")) == []
+    assert read_run_record(run_path(str(tmp_path), "no-such-run")) == []
+
+
+def test_restart_forgets_metrics_summary_exports_and_the_ray_run(tmp_path):
+    from nanochat.train.resume import forget_run
+
+    stage_dir, run = tmp_path / "checkpoints" / "base" / "d4", tmp_path / "ray_results" / "base-d4"
+    for d in (stage_dir / "step_000002", stage_dir / ".step_000004.tmp-x", run / "step_000002"):
+        d.mkdir(parents=True)
+    for f in ("metrics.jsonl", "summary.json"):
+        (stage_dir / f).write_text("{}")
+    (tmp_path / "checkpoints" / "base" / "d5").mkdir()
+    forget_run(str(run), stage_dir)
+    assert list(stage_dir.iterdir()) == [] and not run.exists()
+    assert (tmp_path / "checkpoints" / "base" / "d5").exists()  # other tags untouched
+
+
+def test_a_resumed_pretraining_stream_starts_at_the_checkpoints_row_after_any_number_of_resumes():
+    from nanochat.train.loop import data_position
+
+    assert data_position({}, 0, 1) == (0, 0, 0)  # fresh
+    # Pretraining (epoch 0): the driver rebuilt the stream past the consumed rows; nothing left to drop,
+    # also when the checkpoint came from a run that itself started mid-stream (rows_in_epoch counted from there).
+    state = {"step": 2, "epoch": 0, "rows_in_epoch": 8, "rows_consumed_per_worker": 16}
+    assert data_position(state, 16, 1) == (0, 0, 16)
+    assert data_position(state, 32, 2) == (0, 0, 16)
+    # A dataset given by the caller starts at row 0: replay the consumed rows (and mid/SFT in a later epoch).
+    assert data_position(state, 0, 1) == (0, 16, 0)
+    assert data_position({"epoch": 2, "rows_in_epoch": 24, "rows_consumed_per_worker": 500}, 0, 1) == (2, 24, 0)
+    with pytest.raises(RuntimeError, match="starts 8 rows per worker past the checkpoint of step 2"):
+        data_position(state, 24, 1)  # a data position from a newer checkpoint than the weights

@@ -1,7 +1,10 @@
 """``nanochat chat``: talk to a checkpoint in the terminal (REPL) or once with ``-p PROMPT``.
 
-Tokens are streamed as the engine produces them. The conversation is kept as token ids (exactly
-what the model saw, tool calls and their outputs included), so multi-turn context is faithful.
+Tokens are streamed as the engine produces them; calculator calls show as ``[calculator] 2+2 = 4``
+lines. The conversation is kept as token ids (exactly what the model saw, tool calls and their
+outputs included), so multi-turn context is faithful. ``--max-tokens`` is capped to the room the
+prompt leaves; when the conversation gets too long for the context, the earliest exchanges are
+dropped (see :meth:`ChatSession.fit`).
 This module is wiring: generation is :class:`nanochat.engine.Engine`, loading is
 :mod:`nanochat.checkpoint`.
 """
@@ -15,6 +18,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -53,8 +57,23 @@ def spinner(message: str, stream: TextIO | None = None) -> Iterator[None]:
         thread.join()
 
 
+@dataclass
+class Turn:
+    """One finished exchange: the user's text (before any system merge) and the assistant's token
+    ids exactly as generated, tool calls and injected outputs included, ending in assistant_end."""
+
+    user: str
+    answer: list[int]
+
+
 class ChatSession:
-    """Multi-turn state: the conversation's token ids, plus the engine that extends them."""
+    """Multi-turn state: the conversation's turns, plus the engine that extends them.
+
+    The prompt for each answer is rendered from the kept turns (``tokens``). ``--max-tokens`` is an
+    upper bound the engine caps to the room the prompt leaves; when fewer than
+    :func:`nanochat.engine.answer_room` tokens would be left, the earliest whole exchanges are
+    dropped (the first one, which carries the system prompt, last of all), with a one-line notice.
+    """
 
     def __init__(self, engine: Any, tokenizer: Any, params: Any, system: str | None = None):
         self.engine, self.tokenizer, self.params, self.system = engine, tokenizer, params, system
@@ -65,44 +84,140 @@ class ChatSession:
             special("<|assistant_end|>"),
         )
         self.terminal = {self.assistant_end, tokenizer.get_bos_token_id()}
+        self.tools = ToolView(tokenizer)
         self.clear()
 
     def clear(self) -> None:
-        self.tokens: list[int] = [self.tokenizer.get_bos_token_id()]
-        self.turns = 0
+        self.history: list[Turn] = []
 
-    def reply(self, user_text: str, out: TextIO) -> str:
-        """Append the user turn, stream the assistant's answer to ``out``, and return its text."""
-        if self.turns == 0 and self.system:  # the reference merges system into the first user turn
-            user_text = f"{self.system}\n\n{user_text}"
-        self.tokens += [
-            self.user_start,
-            *self.tokenizer.encode(user_text),
-            self.user_end,
-            self.assistant_start,
-        ]
-        pieces: list[str] = []
+    @property
+    def turns(self) -> int:
+        return len(self.history)
+
+    @property
+    def tokens(self) -> list[int]:
+        """The conversation so far as the model sees it: BOS, then every kept exchange."""
+        return self._render(self.history)
+
+    def _render(self, turns: list[Turn], question: str | None = None) -> list[int]:
+        ids = [self.tokenizer.get_bos_token_id()]
+        for i, turn in enumerate([*turns, Turn(question, [])] if question is not None else turns):
+            text = f"{self.system}\n\n{turn.user}" if i == 0 and self.system else turn.user  # as the reference
+            ids += [self.user_start, *self.tokenizer.encode(text), self.user_end, self.assistant_start, *turn.answer]
+        return ids
+
+    def fit(self, question: str, err: TextIO | None = None) -> list[int]:
+        """The prompt for answering ``question``: the history plus the new user turn, with the earliest
+        exchanges dropped (one notice line on ``err``) while fewer than ``answer_room`` tokens would
+        be left for the answer. Raises NanochatError when the question alone does not fit."""
+        from nanochat.engine import answer_room
+
+        limit = self.engine.max_seq_len
+        need = answer_room(self.params.max_tokens, limit)
+        kept = list(self.history)
+        prompt = self._render(kept, question)
+        while len(prompt) + need > limit and kept:
+            del kept[1 if len(kept) > 1 else 0]  # keep the first (system) exchange as long as possible
+            prompt = self._render(kept, question)
+        if len(prompt) + need > limit:
+            raise NanochatError(
+                f"the message is {len(prompt)} prompt tokens; the model's context of {limit} tokens must also "
+                f"hold at least {need} for the answer: shorten the message (or lower --max-tokens)"
+            )
+        dropped = len(self.history) - len(kept)
+        if dropped:
+            self.history = kept
+            print(f"(context full: dropped the {dropped} earliest exchange{'s' if dropped > 1 else ''} "
+                  f"to fit {limit} tokens)", file=err or sys.stderr, flush=True)
+        return prompt
+
+    def reply(self, user_text: str, out: TextIO, err: TextIO | None = None) -> str:
+        """Append the user turn, stream the assistant's answer to ``out``, and return the text shown."""
+        prompt = self.fit(user_text, err)
+        shown = self.tools.start(out)
         generated: list[int] = []
-        stream = self.engine.generate(list(self.tokens), self.params)
+        stream = self.engine.generate(prompt, self.params)
         try:
             for events in stream:
                 event = events[0]
+                if event.finish_reason == "error":  # the engine could not continue this answer
+                    raise NanochatError(f"generation failed: {event.error}")
                 if not (event.finished and event.finish_reason == "stop" and event.token_id in self.terminal):
                     generated.append(event.token_id)
-                if event.text:
-                    pieces.append(event.text)
-                    out.write(event.text)
-                    out.flush()
+                self.tools.push(event.token_id, event.text)
                 if event.finished:
                     break
         finally:
             _close_stream(stream)  # frees the engine slot now, also when interrupted mid-answer
+            self.tools.finish()
             # Close the turn the way the model was trained to, whether it stopped by itself, hit
             # max_tokens or was interrupted (Ctrl-C): the history stays a well-formed conversation.
             generated.append(self.assistant_end)
-            self.tokens += generated
-            self.turns += 1
-        return "".join(pieces)
+            self.history.append(Turn(user_text, generated))
+        return "".join(shown)
+
+
+class ToolView:
+    """Streams an answer's text, showing calculator calls readably instead of their special tokens.
+
+    ``<|python_start|>2+2<|python_end|><|output_start|>4<|output_end|>`` is shown as a line
+    ``[calculator] 2+2 = 4`` (dim on a terminal); a call the calculator refused shows
+    ``[calculator] expr (no result)``. Only the display changes: the token history stays exact.
+    """
+
+    def __init__(self, tokenizer: Any):
+        special = tokenizer.encode_special
+        self.python_start, self.python_end = special("<|python_start|>"), special("<|python_end|>")
+        self.output_start, self.output_end = special("<|output_start|>"), special("<|output_end|>")
+
+    def start(self, out: TextIO) -> list[str]:
+        """Begin an answer written to ``out``; returns the list that collects the shown text."""
+        self.out, self.shown, self.state, self.call, self.result = out, [], "text", "", ""
+        self.at_line_start = True
+        return self.shown
+
+    def push(self, token: int, text: str) -> None:
+        if self.state == "call":
+            if token == self.python_end:
+                self.state = "called"
+            else:
+                self.call += text
+            return
+        if self.state == "output":
+            if token == self.output_end:
+                self._show_call(f"{self.call.strip()} = {self.result.strip()}")
+            else:
+                self.result += text
+            return
+        if self.state == "called":
+            if token == self.output_start:
+                self.state = "output"
+                return
+            self._show_call(f"{self.call.strip()} (no result)")
+        if token == self.python_start:
+            self.state, self.call, self.result = "call", "", ""
+        elif text:
+            self._write(text)
+
+    def finish(self) -> None:
+        """End of the answer (also when interrupted): show a call that was still open."""
+        if self.state == "output":
+            self._show_call(f"{self.call.strip()} = {self.result.strip()}")
+        elif self.state in ("call", "called"):
+            self._show_call(f"{self.call.strip()} (no result)")
+
+    def _show_call(self, what: str) -> None:
+        self.state = "text"
+        line = f"[calculator] {what}"
+        dim = getattr(self.out, "isatty", lambda: False)()
+        self._write(("" if self.at_line_start else "\n") + (f"\033[2m{line}\033[0m" if dim else line) + "\n",
+                    shown=("" if self.at_line_start else "\n") + line + "\n")
+
+    def _write(self, text: str, shown: str | None = None) -> None:
+        self.shown.append(text if shown is None else shown)
+        self.out.write(text)
+        self.out.flush()
+        self.at_line_start = text.endswith("\n")
 
 
 def _close_stream(stream: Iterator[Any]) -> None:
@@ -219,6 +334,8 @@ def repl(session: ChatSession, stdin: TextIO, out: TextIO) -> int:
             session.reply(text, out)
         except KeyboardInterrupt:  # stop this answer, keep the REPL
             out.write(" (interrupted)")
+        except NanochatError as err:  # e.g. a message longer than the context: say so, keep the REPL
+            print(f"error: {err}", file=sys.stderr, flush=True)
         out.write("\n")
         out.flush()
 
@@ -248,7 +365,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--top-k", type=int, default=50, help="sample among the k likeliest tokens (default 50, 0 = off)"
     )
     p.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass (default off)")
-    p.add_argument("--max-tokens", type=int, default=256, help="most tokens per answer (default 256)")
+    p.add_argument("--max-tokens", type=int, default=256,
+                   help="most tokens per answer (default 256; capped to the room the prompt leaves in the context)")
     p.add_argument("--seed", type=int, default=None, help="sampling seed (same seed, same answer)")
     p.add_argument("--system", help="system prompt, merged into the first user message")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")

@@ -16,7 +16,7 @@ STAGES = ("base", "mid", "sft")
 
 
 def _list(args: argparse.Namespace) -> int:
-    from nanochat.checkpoint import list_checkpoints, read_meta
+    from nanochat.checkpoint import checkpoint_tag, list_checkpoints, read_meta
 
     stages = [args.stage] if args.stage else list(STAGES)
     rows = []
@@ -26,7 +26,7 @@ def _list(args: argparse.Namespace) -> int:
             metrics = meta.get("metrics") or {}
             metric = next((f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, int | float)), "")
             rows.append(
-                (stage, meta.get("tag", path.parent.name), str(meta.get("step", "?")), metric, str(path))
+                (stage, checkpoint_tag(path, meta), str(meta.get("step", "?")), metric, str(path))
             )
     if not rows:
         print("no checkpoints yet; make one with `nanochat run --preset tiny` or `nanochat train pretrain`")

@@ -36,7 +36,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_run_args(p)
-    p.set_defaults(func=run_main)
+    p.set_defaults(func=run_main, uses_ray=True)
 
 
 def run_main(args: argparse.Namespace) -> int:

@@ -1,29 +1,39 @@
 """``nanochat serve``: start the OpenAI-compatible Serve app (chat UI at /) on a checkpoint.
 
 The short path to ``serve run serve_configs/local.yaml``: without ``RAY_ADDRESS`` it starts an
-embedded local Ray and blocks until Ctrl-C (the app lives as long as this process); with
-``RAY_ADDRESS`` it deploys to that cluster and returns unless ``--blocking``.
+embedded local Ray and blocks until Ctrl-C or SIGTERM (the app lives as long as this process); with
+``RAY_ADDRESS`` it deploys to that cluster and returns unless ``--blocking``. Stopping drains the app
+first (in-flight streams get up to ``DRAIN_S`` to finish), then stops Serve and Ray, all within
+:data:`nanochat.ray_utils.STOP_TIMEOUT_S` (see :func:`nanochat.ray_utils.stop_on_signals`).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import signal
 import time
 from pathlib import Path
 from typing import Any
 
 from nanochat.common import NanochatError, get_logger
+from nanochat.ray_utils import STOP_TIMEOUT_S
 
 log = get_logger(__name__)
+
+# Seconds a stopping replica waits for in-flight requests before it is killed (Serve's
+# graceful_shutdown_timeout_s, 20 s by default: too long for the stop bound).
+DRAIN_S = 6.0
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "serve",
         help="serve a checkpoint: OpenAI-compatible API at /v1, chat UI at /",
-        description="Serve a checkpoint with Ray Serve (continuous batching, streaming, OpenAI API, web UI).",
+        description=(
+            "Serve a checkpoint with Ray Serve (continuous batching, streaming, OpenAI API, web UI). "
+            f"Ctrl-C or SIGTERM stops it within {STOP_TIMEOUT_S:.0f} s: in-flight streams get {DRAIN_S:.0f} s "
+            "to finish, then Serve and the local Ray are shut down (their processes killed if they hang)."
+        ),
     )
     p.add_argument("--config", help="a Serve config YAML (e.g. serve_configs/local.yaml); flags below override it")
     p.add_argument("--checkpoint", help="checkpoint path, tag dir, or stage (sft|mid|base); default: newest")
@@ -34,7 +44,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=int, help="HTTP port (default 8000)")
     p.add_argument("--api-key", help="require this Bearer token (default: $NANOCHAT_API_KEY; none = open)")
     p.add_argument("--blocking", action="store_true", help="with RAY_ADDRESS: stay in the foreground")
-    p.set_defaults(func=_serve)
+    p.set_defaults(func=_serve, uses_ray=True)
 
 
 def _load_config(path: str | None) -> dict[str, Any]:
@@ -59,7 +69,7 @@ def _serve(args: argparse.Namespace) -> int:
     from ray import serve
 
     from nanochat.checkpoint import resolve_checkpoint
-    from nanochat.ray_utils import init_ray
+    from nanochat.ray_utils import init_ray, on_stop
     from nanochat.serve.app import build_app_with
 
     config = _load_config(args.config)
@@ -77,31 +87,30 @@ def _serve(args: argparse.Namespace) -> int:
     http = dict(config.get("http_options") or {})
     http["host"] = args.host or http.get("host", "127.0.0.1")
     http["port"] = args.port or http.get("port", 8000)
-    deployments = app_cfg.get("deployments") or [{}]
+    deployment = dict((app_cfg.get("deployments") or [{}])[0])
+    deployment.setdefault("graceful_shutdown_timeout_s", DRAIN_S)
+    deployment.setdefault("graceful_shutdown_wait_loop_s", 0.5)  # notice a drained replica quickly
 
     on_cluster = bool(os.environ.get("RAY_ADDRESS"))
     if not on_cluster:
         resolve_checkpoint(build_args.get("checkpoint"))  # fail fast, before starting Ray
     init_ray()
-    application = build_app_with(build_args, deployments[0])  # resolves the checkpoint: fails fast if none
-    serve.start(http_options=http)
+    application = build_app_with(build_args, deployment)  # resolves the checkpoint: fails fast if none
     name, prefix = app_cfg.get("name", "nanochat"), app_cfg.get("route_prefix", "/")
+    if not on_cluster or args.blocking:
+        # On stop (also during start-up: the app may already answer), deleting the app first drains
+        # it: replicas finish in-flight requests (up to DRAIN_S) while the proxies still stream them.
+        # On a cluster only this app goes; other apps and Serve stay.
+        on_stop(lambda: serve.delete(name))
+        if not on_cluster:
+            on_stop(serve.shutdown)
+    serve.start(http_options=http)
     serve.run(application, name=name, route_prefix=prefix, blocking=False)
     url = f"http://{http['host']}:{http['port']}{prefix.rstrip('/')}"
     print(f"nanochat is serving at {url}/ (chat UI) and {url}/v1 (OpenAI API)" + (" [API key required]" if api_key else ""))
     if on_cluster and not args.blocking:
         print(f"deployed application '{name}' to the cluster; `serve status` shows it, `serve shutdown` stops it")
         return 0
-    print("press Ctrl-C to stop")
-    signal.signal(signal.SIGTERM, _raise_interrupt)  # `kill` stops it as cleanly as Ctrl-C
-    try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        print("\nshutting down")
-        serve.shutdown()
-    return 0
-
-
-def _raise_interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt
+    print("press Ctrl-C to stop", flush=True)
+    while True:  # Ctrl-C / SIGTERM raise KeyboardInterrupt here; stop_on_signals does the rest
+        time.sleep(3600)

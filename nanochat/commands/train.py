@@ -19,4 +19,4 @@ def register(sub: argparse._SubParsersAction) -> None:
     for stage, text in HELP.items():
         sp = tsub.add_parser(stage, help=text)
         add_train_args(sp)
-        sp.set_defaults(func=lambda args, _stage=stage: run_from_args(_stage, args))
+        sp.set_defaults(func=lambda args, _stage=stage: run_from_args(_stage, args), uses_ray=True)

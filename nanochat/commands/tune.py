@@ -52,7 +52,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         ),
     )
     add_tune_args(p)
-    p.set_defaults(func=tune_main)
+    p.set_defaults(func=tune_main, uses_ray=True)
 
 
 def tune_main(args: argparse.Namespace) -> int:

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from nanochat.checkpoint import read_meta
+from nanochat.checkpoint import checkpoint_tag, read_meta
 from nanochat.common import atomic_write_text, base_dir, get_logger
 from nanochat.eval import chat_eval, core, core_data
 from nanochat.eval.fanout import run_fanout
@@ -22,7 +22,7 @@ log = get_logger(__name__)
 
 def output_dir(checkpoint: str | Path) -> Path:
     meta = read_meta(checkpoint)
-    tag = meta.get("tag") or Path(checkpoint).parent.name
+    tag = checkpoint_tag(checkpoint, meta)
     return base_dir() / "eval" / meta.get("stage", "base") / tag
 
 

@@ -6,33 +6,55 @@ model in one deployment saves a Ray hop per streamed chunk (streaming overhead g
 intermediate deployment); Serve's proxy still spreads requests over the replicas, and
 autoscaling adds replicas (one GPU each on a GPU cluster) on ongoing requests.
 
-``build_app(args)`` is the ``import_path`` target for ``serve run`` / ``serve deploy`` configs.
+The completion routes read their JSON body themselves, after the API key check, so an
+unauthenticated client learns nothing about its body; every error is OpenAI-shaped JSON.
+
+``build_app(args)`` (:mod:`nanochat.serve.build`, re-exported here) is the ``import_path`` target for
+``serve run`` / ``serve deploy`` configs: ``nanochat.serve.app:build_app``.
 """
 
 # No `from __future__ import annotations`: Serve pickles the ingress class by value, and FastAPI
 # must see real annotation objects (string annotations would not resolve, turning bodies into queries).
 
 import asyncio
-import os
 import random
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict
+from fastapi import Request
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ValidationError
 from ray import serve
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from nanochat.common import get_logger
-from nanochat.config import ServeSettings
+from nanochat.serve.build import (  # noqa: F401  (build_app & co. re-exported: the configs' import_path)
+    BuildArgs,
+    ServerSettings,
+    build_app,
+    build_app_with,
+    deployment_options,
+)
+from nanochat.serve.http_api import (
+    RETRY_AFTER,
+    SSE_DONE,
+    SSE_HEADERS,
+    EventStream,
+    Metrics,
+    api,
+    body_doc,
+    engine_error,
+    is_disconnect,
+    json_response,
+    log,
+    resume,
+    sse,
+    sse_error,
+)
+from nanochat.serve.messages import MessageError, render_prompt
 from nanochat.serve.openai_types import (
     APIError,
-    AssistantMessage,
     ChatChoice,
     ChatCompletion,
     ChatCompletionChunk,
@@ -43,6 +65,7 @@ from nanochat.serve.openai_types import (
     Delta,
     ModelCard,
     ModelList,
+    ResponseMessage,
     SamplingFields,
     TextCompletion,
     Usage,
@@ -53,72 +76,8 @@ from nanochat.serve.openai_types import (
 from nanochat.serve.scheduler import DONE, QueueFull, Scheduler
 from nanochat.serve.scheduler import Request as SchedRequest
 
-log = get_logger(__name__)
 UI_FILE = Path(__file__).with_name("ui.html")
-SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # no proxy buffering of SSE
-
-api = FastAPI(title="nanochat", description="OpenAI-compatible chat API for a nanochat checkpoint")
-
-
-@api.exception_handler(APIError)
-async def _api_error(_: Request, err: APIError) -> JSONResponse:
-    return JSONResponse(err.body(), status_code=err.status)
-
-
-@api.exception_handler(RequestValidationError)
-async def _validation_error(_: Request, err: RequestValidationError) -> JSONResponse:
-    e = validation_error_to_api_error(list(err.errors()))
-    return JSONResponse(e.body(), status_code=e.status)
-
-
-@api.exception_handler(StarletteHTTPException)
-async def _http_error(_: Request, err: StarletteHTTPException) -> JSONResponse:
-    kind = {401: "authentication_error", 404: "not_found_error"}.get(err.status_code, "invalid_request_error")
-    return JSONResponse(APIError(err.status_code, str(err.detail), type=kind).body(), status_code=err.status_code)
-
-
-@api.exception_handler(Exception)
-async def _server_error(_: Request, err: Exception) -> JSONResponse:
-    log.exception("unhandled error")
-    return JSONResponse(APIError(500, f"internal error: {type(err).__name__}", type="server_error").body(), 500)
-
-
-class ServerSettings(ServeSettings):
-    """What a replica needs: the preset's ``serve`` section plus the checkpoint and device."""
-
-    checkpoint: str
-    device: str | None = None
-
-
-def _sse(obj: BaseModel | str) -> str:
-    data = obj if isinstance(obj, str) else obj.model_dump_json()
-    return f"data: {data}\n\n"
-
-
-async def _closing(gen: AsyncIterator[str], inner: Any) -> AsyncIterator[str]:
-    """Forward ``gen``; on client disconnect (cancellation) close ``inner`` so its sequence is cancelled."""
-    try:
-        async for item in gen:
-            yield item
-    finally:
-        await inner.aclose()
-
-
-class _Metrics:
-    """Prometheus metrics exported through Serve (scraped from each node's metrics port)."""
-
-    def __init__(self, model: str):
-        from ray.serve.metrics import Counter, Histogram
-
-        self.requests = Counter("nanochat_requests_total", "completion requests received", tag_keys=("model", "route"))
-        self.tokens = Counter("nanochat_generated_tokens_total", "completion tokens generated", tag_keys=("model",))
-        self.rejected = Counter("nanochat_rejected_total", "requests refused with 429 (queue full)", tag_keys=("model",))
-        self.ttft = Histogram(
-            "nanochat_ttft_seconds",
-            "time from request admission to the first generated text",
-            boundaries=[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10],
-            tag_keys=("model",),
-        )
+BodyT = TypeVar("BodyT", bound=BaseModel)
 
 
 def _replica_id() -> str | None:
@@ -162,7 +121,8 @@ class NanochatServer:
         self.engine = Engine(ckpt.model, ckpt.tokenizer, max_batch_size=self.settings.max_batch_size)
         self.scheduler = Scheduler(self.engine, self.settings.max_waiting)
         self.created = now()
-        self._metrics = _Metrics(self.model_id)
+        self.disconnects = 0
+        self._metrics = Metrics(self.model_id)
         log.info("serving %s (%s) on %s", self.model_id, self.settings.checkpoint, device)
 
     def check_health(self) -> None:
@@ -173,6 +133,7 @@ class NanochatServer:
     # ---- auth / helpers -------------------------------------------------------------------
 
     def _authorize(self, request: Request) -> None:
+        """401 unless the API key (when one is set) is sent; every route but /, /health, /stats, the docs."""
         key = self.settings.api_key
         if not key:
             return
@@ -187,18 +148,39 @@ class NanochatServer:
                 code="invalid_api_key",
             )
 
+    async def _parse(self, request: Request, model: type[BodyT]) -> BodyT:
+        """The API key first, then the JSON body validated as ``model`` (any failure: one 400)."""
+        self._authorize(request)
+        try:
+            raw = await request.body()
+        except Exception as err:
+            if is_disconnect(err):
+                self._client_gone()
+            raise
+        try:
+            return model.model_validate_json(raw)
+        except ValidationError as err:
+            raise validation_error_to_api_error(err.errors(include_url=False)) from None
+
+    def _client_gone(self) -> None:
+        """A client hung up: normal under load, so counted (``/stats`` ``disconnects``) and not an error."""
+        self.disconnects += 1
+        self._metrics.disconnects.inc(tags={"model": self.model_id})
+        log.debug("client disconnected (%d so far)", self.disconnects)
+
     def _check_model(self, model: str | None) -> None:
         if model is not None and model != self.model_id:
             raise APIError(
                 404,
-                f"The model '{model}' does not exist; this server serves '{self.model_id}' (GET /v1/models)",
+                f"The model '{model[:100]}' does not exist; this server serves '{self.model_id}' (GET /v1/models)",
                 type="not_found_error",
                 param="model",
                 code="model_not_found",
             )
 
-    def _sampling(self, req: SamplingFields, prompt_len: int, default_max: int) -> Any:
-        """SamplingParams for one prompt; checks that prompt + max_tokens fits the context."""
+    def _sampling(self, req: SamplingFields, prompt_len: int, default_max: int, param: str = "messages") -> Any:
+        """SamplingParams for one prompt; checks that prompt + max_tokens fits the context (``param``: the
+        prompt's field, named in the 400)."""
         from nanochat.engine import SamplingParams
 
         unsupported = req.unsupported_fields()
@@ -212,14 +194,15 @@ class NanochatServer:
             raise APIError(
                 400,
                 f"This model's maximum context length is {self.context_len} tokens. However, you requested "
-                f"{prompt_len + asked} tokens ({prompt_len} in the messages, {asked} in the completion). "
-                "Please reduce the length of the messages or completion.",
-                param="messages",
+                f"{prompt_len + asked} tokens ({prompt_len} in the {param}, {asked} in the completion). "
+                f"Please reduce the length of the {param} or completion.",
+                param=param,
                 code="context_length_exceeded",
             )
         max_tokens = req.max_tokens if req.max_tokens is not None else min(default_max, room)
         if req.n > self.engine.max_batch_size:
-            raise APIError(400, f"n={req.n} exceeds this server's batch size {self.engine.max_batch_size}", param="n")
+            raise APIError(400, f"n={req.n} exceeds this server's batch size {self.engine.max_batch_size}; lower n",
+                           param="n", code="invalid_value")
         return SamplingParams(
             max_tokens=max_tokens,
             temperature=self.settings.temperature if req.temperature is None else req.temperature,
@@ -229,7 +212,7 @@ class NanochatServer:
             stop=req.stop or [],
             n=req.n,
             strict_context=True,
-            use_tools=False,
+            use_tools=self.settings.tools,
         )
 
     def _submit(self, prompts: list[list[int]], params: list[Any]) -> SchedRequest:
@@ -237,10 +220,16 @@ class NanochatServer:
             return self.scheduler.submit(prompts, params)
         except QueueFull as err:
             self._metrics.rejected.inc(tags={"model": self.model_id})
-            raise APIError(429, str(err), type="rate_limit_error", code="queue_full") from None
+            raise APIError(429, str(err), type="rate_limit_error", code="queue_full", headers=RETRY_AFTER) from None
 
-    async def _deltas(self, sreq: SchedRequest, counts: list[int]) -> AsyncIterator[list[tuple[int, str, str | None]]]:
-        """Batches of ``(choice, text, finish_reason|None)``; cancels the request if left early."""
+    async def _deltas(
+        self, sreq: SchedRequest, counts: list[int], param: str
+    ) -> AsyncIterator[list[tuple[int, str, str | None]]]:
+        """Batches of ``(choice, text, finish_reason|None)``; cancels the request if left early.
+
+        Raises :class:`APIError` when the engine refused the request or one of its sequences failed
+        (``finish_reason="error"``): that request fails alone, the others in the batch go on.
+        """
         terminal = {self.tokenizer.encode_special("<|assistant_end|>"), self.tokenizer.get_bos_token_id()}
         first = True
         try:
@@ -261,9 +250,12 @@ class NanochatServer:
                     if item is DONE:
                         end = True
                     elif isinstance(item, BaseException):
-                        raise APIError(503, f"generation failed: {item}", type="server_error", code="engine_error")
+                        raise engine_error(item, param)
                     else:
                         choice, ev = item
+                        if ev.finish_reason == "error":
+                            raise APIError(500, f"generation failed: {ev.error}", type="server_error",
+                                           code="engine_error")
                         if ev.token_id not in terminal:
                             counts[choice] += 1
                         reason = None
@@ -283,9 +275,64 @@ class NanochatServer:
                 if end:
                     return
         finally:
-            self.scheduler.cancel(sreq)  # no-op when finished; frees the slots on disconnect
+            self.scheduler.cancel(sreq)  # no-op when finished; frees the slots on disconnect or error
             if sum(counts):  # Serve's Counter rejects inc(0)
                 self._metrics.tokens.inc(sum(counts), tags={"model": self.model_id})
+
+    async def _collect(self, deltas: AsyncIterator[Any], size: int) -> tuple[list[str], list[str]]:
+        """Texts and finish reasons of ``size`` choices (a non-streamed reply)."""
+        texts, reasons = [""] * size, ["stop"] * size
+        try:
+            async for batch in deltas:
+                for choice, text, reason in batch:
+                    texts[choice] += text
+                    if reason:
+                        reasons[choice] = reason
+        except asyncio.CancelledError:  # Serve cancels the handler when its client hangs up
+            self._client_gone()
+            raise
+        return texts, reasons
+
+    async def _first(self, deltas: AsyncIterator[Any]) -> Any:
+        """A stream's first batch, awaited before the 200 goes out so a refused request gets its 4xx."""
+        try:
+            return await anext(deltas, None)
+        except asyncio.CancelledError:
+            self._client_gone()
+            raise
+
+    async def _closing(self, gen: AsyncIterator[str], inner: AsyncIterator[Any]) -> AsyncIterator[str]:
+        """Forward ``gen``; on client disconnect count it and close ``inner`` so its sequences are cancelled."""
+        try:
+            async for item in gen:
+                yield item
+        except (GeneratorExit, asyncio.CancelledError):
+            self._client_gone()
+            raise
+        finally:
+            await inner.aclose()
+
+    def _stream(
+        self, first: Any, deltas: AsyncIterator[Any], render: Callable[[Any], str], head: str = "",
+        final: Callable[[], str] | None = None,
+    ) -> StreamingResponse:
+        """The SSE response: ``head``, each batch through ``render``, ``final()`` (the usage event) and
+        ``[DONE]``; an error once the 200 is out becomes an error event before ``[DONE]``."""
+
+        async def events() -> AsyncIterator[str]:
+            if head:
+                yield head
+            try:
+                async for batch in resume(first, deltas):
+                    yield render(batch)
+            except APIError as err:
+                yield sse_error(err)
+            else:
+                if final is not None:
+                    yield final()
+            yield SSE_DONE
+
+        return EventStream(self._closing(events(), deltas), media_type="text/event-stream", headers=SSE_HEADERS)
 
     # ---- routes ---------------------------------------------------------------------------
 
@@ -305,7 +352,7 @@ class NanochatServer:
         import torch
 
         out = {"model": self.model_id, "replica": _replica_id(), "replicas": _replica_count(),
-               "torch_threads": torch.get_num_threads()}
+               "torch_threads": torch.get_num_threads(), "disconnects": self.disconnects}
         out.update(self.scheduler.stats())
         return out
 
@@ -331,179 +378,92 @@ class NanochatServer:
         self._check_model(model_id)
         return ModelCard(id=self.model_id, created=self.created, max_model_len=self.context_len)
 
-    @api.post("/v1/chat/completions")
-    async def chat_completions(self, body: ChatCompletionRequest, request: Request):
-        self._authorize(request)
+    @api.post("/v1/chat/completions", openapi_extra=body_doc(ChatCompletionRequest))
+    async def chat_completions(self, request: Request) -> Response:
+        body = await self._parse(request, ChatCompletionRequest)
         self._check_model(body.model)
         self._metrics.requests.inc(tags={"model": self.model_id, "route": "chat"})
         try:
-            prompt = self.tokenizer.render_for_completion({"messages": body.conversation()})
+            prompt = render_prompt(self.tokenizer, body.messages)
+        except MessageError as err:
+            raise APIError(400, str(err), param=err.param, code="invalid_messages") from None
         except ValueError as err:
             raise APIError(400, str(err), param="messages", code="invalid_messages") from None
         params = self._sampling(body, len(prompt), self.settings.max_new_tokens)
         sreq = self._submit([prompt], [params])
         counts = [0] * body.n
         rid, created = new_id("chatcmpl"), now()
-        usage = lambda: Usage(  # noqa: E731
-            prompt_tokens=len(prompt) * body.n, completion_tokens=sum(counts),
-            total_tokens=len(prompt) * body.n + sum(counts),
+        usage = lambda: Usage(  # noqa: E731  (OpenAI counts the prompt once, however many choices)
+            prompt_tokens=len(prompt), completion_tokens=sum(counts), total_tokens=len(prompt) + sum(counts)
         )
-        deltas = self._deltas(sreq, counts)
+        deltas = self._deltas(sreq, counts, "messages")
         if not body.stream:
-            texts, reasons = [""] * body.n, ["stop"] * body.n
-            async for batch in deltas:
-                for choice, text, reason in batch:
-                    texts[choice] += text
-                    if reason:
-                        reasons[choice] = reason
+            texts, reasons = await self._collect(deltas, body.n)
             choices = [
-                ChatChoice(index=i, message=AssistantMessage(content=texts[i]), finish_reason=reasons[i])
+                ChatChoice(index=i, message=ResponseMessage(content=texts[i]), finish_reason=reasons[i])
                 for i in range(body.n)
             ]
-            return ChatCompletion(id=rid, created=created, model=self.model_id, choices=choices, usage=usage())
+            return json_response(ChatCompletion(id=rid, created=created, model=self.model_id, choices=choices, usage=usage()))
+        first = await self._first(deltas)
+        no_usage = None if body.include_usage else {"usage"}
 
-        def chunk(choices: list[ChunkChoice]) -> str:
-            return _sse(ChatCompletionChunk(id=rid, created=created, model=self.model_id, choices=choices))
+        def chunk(choices: list[ChunkChoice], **kw: Any) -> str:
+            return sse(ChatCompletionChunk(id=rid, created=created, model=self.model_id, choices=choices, **kw), no_usage)
 
-        async def stream() -> AsyncIterator[str]:
-            yield "".join(chunk([ChunkChoice(index=i, delta=Delta(role="assistant", content=""))]) for i in range(body.n))
-            async for batch in deltas:
-                parts = []
-                for choice, text, reason in batch:
-                    if text:
-                        parts.append(chunk([ChunkChoice(index=choice, delta=Delta(content=text))]))
-                    if reason:
-                        parts.append(chunk([ChunkChoice(index=choice, delta=Delta(), finish_reason=reason)]))
-                yield "".join(parts)
-            if body.include_usage:
-                yield _sse(ChatCompletionChunk(id=rid, created=created, model=self.model_id, choices=[], usage=usage()))
-            yield "data: [DONE]\n\n"
+        def render(batch: list[tuple[int, str, str | None]]) -> str:
+            parts = []
+            for choice, text, reason in batch:
+                if text:
+                    parts.append(chunk([ChunkChoice(index=choice, delta=Delta(content=text))]))
+                if reason:
+                    parts.append(chunk([ChunkChoice(index=choice, delta=Delta(), finish_reason=reason)]))
+            return "".join(parts)
 
-        return StreamingResponse(_closing(stream(), deltas), media_type="text/event-stream", headers=SSE_HEADERS)
+        head = "".join(chunk([ChunkChoice(index=i, delta=Delta(role="assistant", content=""))]) for i in range(body.n))
+        final = (lambda: chunk([], usage=usage())) if body.include_usage else None
+        return self._stream(first, deltas, render, head, final)
 
-    @api.post("/v1/completions")
-    async def completions(self, body: CompletionRequest, request: Request):
-        self._authorize(request)
+    @api.post("/v1/completions", openapi_extra=body_doc(CompletionRequest))
+    async def completions(self, request: Request) -> Response:
+        body = await self._parse(request, CompletionRequest)
         self._check_model(body.model)
         self._metrics.requests.inc(tags={"model": self.model_id, "route": "completions"})
+        raw_prompts = body.prompts()
+        limit = self.scheduler.max_waiting
+        if len(raw_prompts) > limit:  # could never be admitted: a 400, not a 429 to retry
+            raise APIError(400, f"{len(raw_prompts)} prompts in one request; this server takes at most {limit} "
+                           "(serve.max_waiting): split the batch", param="prompt", code="invalid_value")
         bos = self.tokenizer.get_bos_token_id()
         prompts: list[list[int]] = []
-        for p in body.prompts():
+        for p in raw_prompts:
             if isinstance(p, str):
                 prompts.append([bos] + self.tokenizer.encode(p))
             else:
                 if any(t < 0 or t >= self.tokenizer.vocab_size for t in p):
-                    raise APIError(400, f"token ids must be in [0, {self.tokenizer.vocab_size})", param="prompt")
+                    raise APIError(400, f"token ids must be in [0, {self.tokenizer.vocab_size})", param="prompt",
+                                   code="invalid_value")
                 prompts.append(list(p))
-        params = [self._sampling(body, len(p), 16) for p in prompts]  # OpenAI's default max_tokens: 16
-        all_prompts = [p for p in prompts for _ in range(body.n)]
+        params = [self._sampling(body, len(p), 16, "prompt") for p in prompts]  # OpenAI's default max_tokens: 16
         sreq = self._submit(prompts, params)
-        counts = [0] * len(all_prompts)
+        counts = [0] * (len(prompts) * body.n)
         rid, created = new_id("cmpl"), now()
-        prompt_total = sum(len(p) for p in all_prompts)
+        prompt_total = sum(len(p) for p in prompts)  # each prompt once, however many choices
         usage = lambda: Usage(  # noqa: E731
             prompt_tokens=prompt_total, completion_tokens=sum(counts), total_tokens=prompt_total + sum(counts)
         )
-        deltas = self._deltas(sreq, counts)
+        deltas = self._deltas(sreq, counts, "prompt")
         if not body.stream:
-            texts, reasons = [""] * len(all_prompts), ["stop"] * len(all_prompts)
-            async for batch in deltas:
-                for choice, text, reason in batch:
-                    texts[choice] += text
-                    if reason:
-                        reasons[choice] = reason
+            texts, reasons = await self._collect(deltas, len(counts))
             choices = [CompletionChoice(index=i, text=t, finish_reason=r) for i, (t, r) in enumerate(zip(texts, reasons))]
-            return TextCompletion(id=rid, created=created, model=self.model_id, choices=choices, usage=usage())
+            return json_response(TextCompletion(id=rid, created=created, model=self.model_id, choices=choices, usage=usage()))
+        first = await self._first(deltas)
+        no_usage = None if body.include_usage else {"usage"}
 
-        async def stream() -> AsyncIterator[str]:
-            async for batch in deltas:
-                yield "".join(
-                    _sse(TextCompletion(id=rid, created=created, model=self.model_id,
-                                        choices=[CompletionChoice(index=c, text=t, finish_reason=r)]))
-                    for c, t, r in batch
-                )
-            if body.include_usage:
-                yield _sse(TextCompletion(id=rid, created=created, model=self.model_id, choices=[], usage=usage()))
-            yield "data: [DONE]\n\n"
+        def event(choices: list[CompletionChoice], **kw: Any) -> str:
+            return sse(TextCompletion(id=rid, created=created, model=self.model_id, choices=choices, **kw), no_usage)
 
-        return StreamingResponse(_closing(stream(), deltas), media_type="text/event-stream", headers=SSE_HEADERS)
+        def render(batch: list[tuple[int, str, str | None]]) -> str:
+            return "".join(event([CompletionChoice(index=c, text=t, finish_reason=r)]) for c, t, r in batch)
 
-
-# ---- building the application -------------------------------------------------------------
-
-
-class BuildArgs(BaseModel):
-    """``args`` of a Serve config (or ``nanochat serve`` flags)."""
-
-    model_config = ConfigDict(extra="forbid")
-    checkpoint: str | None = None  # path, tag dir, stage name (sft|mid|base) or None (latest)
-    preset: str = "tiny"
-    overrides: list[str] = []  # ``serve.max_batch_size=8`` style, like ``--set``
-    api_key: str | None = None
-    device: str | None = None
-
-
-def deployment_options(serve_settings: Any, num_gpus: float) -> dict[str, Any]:
-    """Serve deployment options from the preset's ``serve`` section."""
-    s = serve_settings
-    return {
-        "max_ongoing_requests": s.max_ongoing_requests,
-        "max_queued_requests": s.max_queued_requests,
-        "autoscaling_config": {
-            "min_replicas": s.min_replicas,
-            "initial_replicas": s.min_replicas,
-            "max_replicas": max(s.max_replicas, s.min_replicas),
-            "target_ongoing_requests": s.target_ongoing_requests,
-            "upscale_delay_s": s.upscale_delay_s,
-            "downscale_delay_s": s.downscale_delay_s,
-            "metrics_interval_s": 2.0,
-            "look_back_period_s": 10.0,
-        },
-        # On CPU the replica's threads are the engine; 1 logical CPU keeps room for Serve's actors.
-        "ray_actor_options": {"num_gpus": num_gpus, "num_cpus": 0 if num_gpus else 1},
-    }
-
-
-def build_app(args: dict[str, Any]) -> serve.Application:
-    """Application builder for ``serve run module:build_app`` and YAML ``import_path`` (one dict arg)."""
-    return build_app_with(args)
-
-
-def build_app_with(args: dict[str, Any] | None = None, deployment: dict[str, Any] | None = None) -> serve.Application:
-    """:func:`build_app` plus ``deployment`` option overrides (what a config's ``deployments:`` entry
-    does under ``serve run``; used by ``nanochat serve --config``)."""
-    from nanochat.checkpoint import resolve_checkpoint
-    from nanochat.config import load_preset
-
-    parsed = BuildArgs.model_validate(args or {})
-    overrides = [o if o.startswith("serve.") else f"serve.{o}" for o in parsed.overrides]
-    settings = load_preset(parsed.preset, overrides).serve
-    checkpoint = str(resolve_checkpoint(parsed.checkpoint).resolve())
-    api_key = parsed.api_key or settings.api_key or os.environ.get("NANOCHAT_API_KEY") or None
-    num_gpus = settings.num_gpus if settings.num_gpus is not None else _default_gpus()
-    replica = ServerSettings(
-        **settings.model_dump(exclude={"api_key"}), checkpoint=checkpoint, api_key=api_key, device=parsed.device
-    )
-    options = deployment_options(settings, num_gpus)
-    for key, value in (deployment or {}).items():
-        if key == "name":
-            continue
-        if isinstance(value, dict) and isinstance(options.get(key), dict):
-            options[key] = {**options[key], **value}
-        else:
-            options[key] = value
-    return NanochatServer.options(**options).bind(replica.model_dump())
-
-
-def _default_gpus() -> float:
-    """1 GPU per replica when the cluster (or this machine, before Ray starts) has GPUs."""
-    try:
-        import ray
-
-        if ray.is_initialized():
-            return 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
-    except Exception:
-        pass
-    import torch
-
-    return 1.0 if torch.cuda.is_available() else 0.0
+        final = (lambda: event([], usage=usage())) if body.include_usage else None
+        return self._stream(first, deltas, render, final=final)

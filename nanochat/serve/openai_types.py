@@ -2,17 +2,22 @@
 
 Requests are validated here (ranges, types, unknown or unsupported fields) so the routes only
 see well-formed values; every failure becomes :class:`APIError`, rendered as
-``{"error": {"message", "type", "param", "code"}}`` with a 4xx status. This module knows
-nothing about the engine or Ray.
+``{"error": {"message", "type", "param", "code"}}`` with a 4xx status. Responses serialize as
+OpenAI's do: fields OpenAI leaves out when unset (a delta's ``role``/``content``) are left out,
+the ones it sends as ``null`` (``logprobs``, ``finish_reason`` of a chunk) are ``null``. The chat
+``messages`` models live in :mod:`nanochat.serve.messages`. This module knows nothing about the
+engine or Ray.
 """
 
 from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
+
+from nanochat.serve.messages import ROLES, Message
 
 MAX_N = 8  # choices per request; each choice is one sequence slot in the batch
 MAX_STOP = 4  # OpenAI's limit on stop sequences
@@ -51,16 +56,24 @@ class APIError(Exception):
         type: str = "invalid_request_error",
         param: str | None = None,
         code: str | None = None,
+        headers: dict[str, str] | None = None,
     ):
+        message, param = _printable(message), _printable(param) if param is not None else None
         super().__init__(message)
         self.status = status
         self.message = message
         self.type = type
         self.param = param
         self.code = code
+        self.headers = headers  # e.g. Retry-After on a 429
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def _printable(text: str) -> str:
+    """``text`` with lone surrogates escaped: an error message must always encode as UTF-8."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def new_id(prefix: str) -> str:
@@ -83,23 +96,6 @@ class _Request(BaseModel):
             if value is not None and value != default and not (name == "logprobs" and value is False):
                 bad.append(name)
         return bad
-
-
-class TextPart(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    type: Literal["text"]
-    text: str
-
-
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # e.g. "name" is accepted and ignored
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart]
-
-    def text(self) -> str:
-        if isinstance(self.content, str):
-            return self.content
-        return "".join(part.text for part in self.content)
 
 
 class StreamOptions(BaseModel):
@@ -154,7 +150,7 @@ class SamplingFields(_Request):
 
 
 class ChatCompletionRequest(SamplingFields):
-    messages: list[ChatMessage] = Field(..., min_length=1)
+    messages: list[Message] = Field(..., min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     top_logprobs: int | None = None
     tools: list[Any] | None = None
@@ -180,14 +176,6 @@ class ChatCompletionRequest(SamplingFields):
         if self.response_format == {"type": "text"}:
             self.response_format = None  # the default; anything else is unsupported
         return self
-
-    def conversation(self) -> list[dict[str, str]]:
-        """Messages as ``{"role", "content"}`` with text parts joined and developer → system."""
-        out = []
-        for m in self.messages:
-            role = "system" if m.role == "developer" else m.role
-            out.append({"role": role, "content": m.text()})
-        return out
 
 
 class CompletionRequest(SamplingFields):
@@ -215,20 +203,34 @@ class CompletionRequest(SamplingFields):
 # ---- responses ---------------------------------------------------------------------------------
 
 
+class _OpenAIObject(BaseModel):
+    """Fields named in ``_omit_if_none`` are left out of the JSON when None, as OpenAI does."""
+
+    _omit_if_none: ClassVar[frozenset[str]] = frozenset()
+
+    @model_serializer(mode="wrap")
+    def _omit_unset(self, handler: Any) -> dict[str, Any]:
+        data = handler(self)
+        return {k: v for k, v in data.items() if not (v is None and k in self._omit_if_none)}
+
+
 class Usage(BaseModel):
+    """Token counts: each prompt once (however many choices ``n`` asks for), every choice's completion."""
+
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
 
 
-class AssistantMessage(BaseModel):
+class ResponseMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str
+    refusal: None = None
 
 
 class ChatChoice(BaseModel):
     index: int
-    message: AssistantMessage
+    message: ResponseMessage
     logprobs: None = None
     finish_reason: Literal["stop", "length"]
 
@@ -243,7 +245,8 @@ class ChatCompletion(BaseModel):
     system_fingerprint: str | None = None
 
 
-class Delta(BaseModel):
+class Delta(_OpenAIObject):
+    _omit_if_none = frozenset({"role", "content"})
     role: Literal["assistant"] | None = None
     content: str | None = None
 
@@ -256,6 +259,8 @@ class ChunkChoice(BaseModel):
 
 
 class ChatCompletionChunk(BaseModel):
+    """One SSE event. ``usage`` is sent (null but in the last event) only when the client asked for it."""
+
     id: str
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
     created: int
@@ -293,25 +298,82 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
+# ---- validation errors → one OpenAI-shaped 400 ---------------------------------------------------
+
+_UNION_LABELS = {"str", "int", "float", "bool", "none", "list", "dict"}  # pydantic's names of union members
+_TAGS = set(ROLES) - {"developer"}  # the message union's tags, which pydantic puts after the index
+
+
+def _param(loc: tuple[Any, ...]) -> list[str]:
+    """A pydantic error location as the dotted path a client sent (``messages.0.content.1.type``)."""
+    out: list[str] = []
+    for i, part in enumerate(loc):
+        if isinstance(part, int):
+            out.append(str(part))
+        elif i == 0 and part == "body":
+            continue
+        elif part in _UNION_LABELS or "[" in part:
+            continue
+        elif part in _TAGS and len(out) == 2 and out[0] == "messages":
+            continue
+        else:
+            out.append(part)
+    return out
+
+
+def _pick(errors: list[dict[str, Any]]) -> dict[str, Any]:
+    """The most telling error about the first bad field: the deepest, and not 'wrong type' if another says more."""
+    head = _param(errors[0].get("loc", ()))[:2]
+    same = [e for e in errors if _param(e.get("loc", ()))[:2] == head]
+    depth = max(len(_param(e.get("loc", ()))) for e in same)
+    deepest = [e for e in same if len(_param(e.get("loc", ()))) == depth]
+    specific = [e for e in deepest if not str(e.get("type", "")).endswith("_type")]
+    return (specific or deepest)[0]
+
+
+def _shown(value: Any) -> str:
+    if value is None or isinstance(value, dict | list):
+        return ""
+    text = repr(value)
+    return f" (got {text[:100] + '…' if len(text) > 100 else text})"
+
+
 def validation_error_to_api_error(errors: list[dict[str, Any]]) -> APIError:
-    """Turn FastAPI/pydantic validation errors into one 400 naming the first bad field."""
+    """Pydantic's errors for a request body → one 400 naming the first bad field (``param``)."""
     if not errors:
-        return APIError(400, "invalid request body")
-    e = errors[0]
-    loc = [str(p) for p in e.get("loc", ()) if p not in ("body",)]
-    # pydantic puts the union member names in loc (e.g. messages.0.content.str); drop them
-    loc = [p for p in loc if p not in ("str", "list[TextPart]", "int", "list[int]", "list[str]", "list[list[int]]")]
+        return APIError(400, "invalid request body", code="invalid_value")
+    e = _pick(errors)
+    loc = _param(e.get("loc", ()))
     param = ".".join(loc) or None
-    kind = e.get("type", "")
-    msg = str(e.get("msg", "invalid value"))
+    kind = str(e.get("type", ""))
+    msg = str(e.get("msg", "invalid value")).removeprefix("Value error, ")
+    got = e.get("input")
+    if kind == "json_invalid":
+        detail = str((e.get("ctx") or {}).get("error", msg))
+        if not got:
+            detail = "the body is empty"
+        return APIError(
+            400, f"We could not parse the JSON body of your request ({detail}); send one JSON object, UTF-8 encoded",
+            code="invalid_json",
+        )
+    if not loc and kind in ("model_type", "model_attributes_type", "dict_type"):
+        kind = {type(None): "null", bool: "a boolean", int: "a number", float: "a number", str: "a string",
+                list: "an array"}.get(type(got), type(got).__name__)
+        return APIError(400, f"the request body must be a JSON object, got {kind}", code="invalid_json")
     if kind == "extra_forbidden":
+        raw = e.get("loc", ())[-1]
+        param = ".".join([*loc[:-1], str(raw)]) if loc and loc[-1] == raw else str(raw)
         return APIError(400, f"Unrecognized request argument supplied: {param}", param=param, code="unknown_parameter")
-    if kind in ("json_invalid", "model_attributes_type", "dict_type") and not loc:
-        return APIError(400, f"request body is not a valid JSON object ({msg})", code="invalid_json")
+    if kind in ("union_tag_invalid", "union_tag_not_found") and loc[:1] == ["messages"] and len(loc) == 2:
+        if not isinstance(got, dict):
+            return APIError(400, f"invalid value for '{param}': each message must be an object with a 'role'",
+                            param=param, code="invalid_value")
+        if "role" not in got:
+            return APIError(400, f"'{param}.role' is a required property", param=f"{param}.role",
+                            code="missing_required_parameter")
+        return APIError(400, f"invalid value for '{param}.role': must be one of {', '.join(ROLES)}{_shown(got['role'])}",
+                        param=f"{param}.role", code="invalid_value")
     if kind == "missing":
         return APIError(400, f"'{param}' is a required property", param=param, code="missing_required_parameter")
-    if msg.startswith("Value error, "):
-        msg = msg[len("Value error, ") :]
-    got = e.get("input")
-    shown = f" (got {got!r})" if got is not None and not isinstance(got, dict | list) else ""
-    return APIError(400, f"invalid value for '{param}': {msg}{shown}" if param else msg, param=param, code="invalid_value")
+    text = f"invalid value for '{param}': {msg}{_shown(got)}" if param else f"{msg}{_shown(got)}"
+    return APIError(400, text, param=param, code="invalid_value")

@@ -10,6 +10,13 @@ to per-request asyncio queues. Every engine call happens on that one thread, so 
 no locking. Admission is bounded: past ``max_waiting`` queued requests :meth:`submit` raises
 :class:`QueueFull` (the API turns it into a 429).
 
+Failures stay with their owner. A sequence the engine could not continue arrives as a normal
+event with ``finish_reason="error"`` (and ``error``) in its own request's queue only. Should
+``engine.step`` itself raise (an engine bug), only the requests with a sequence running or
+prefilling get the exception; queued ones go on. :attr:`Scheduler.healthy` turns False only after
+:data:`UNHEALTHY_AFTER` consecutive steps whose model forward failed, and True again at the next
+step without one; a per-sequence error never changes it.
+
 It knows nothing about HTTP or OpenAI; :mod:`nanochat.serve.app` builds on it.
 """
 
@@ -28,6 +35,7 @@ from nanochat.common import NanochatError, get_logger
 log = get_logger(__name__)
 
 DONE = None  # end-of-request marker in a request queue
+UNHEALTHY_AFTER = 3  # consecutive failed steps before health reports degraded (one is a fluke or a bad request)
 
 
 class QueueFull(NanochatError):
@@ -38,8 +46,10 @@ class QueueFull(NanochatError):
 class Request:
     """One client request: ``groups`` prompts of ``n`` samples each, sharing one event queue.
 
-    Queue items are ``(choice, TokenEvent)`` with ``choice = group * n + sample``, an exception
-    if the engine failed, or :data:`DONE` once every sample has finished.
+    Queue items are ``(choice, TokenEvent)`` with ``choice = group * n + sample`` (a sample that
+    failed ends with an event of ``finish_reason="error"`` and ``error`` set), an exception if the
+    engine refused the request (an ``EngineError`` from ``engine.add``) or its step raised while
+    this request was in flight, or :data:`DONE` once every sample has finished.
     """
 
     prompts: list[list[int]]
@@ -77,8 +87,8 @@ class Scheduler:
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
         self._closed = False
-        self.healthy = True
-        self.last_error: str | None = None
+        self.last_error: str | None = None  # latest failed forward / step, for /health
+        self._failing_steps = 0  # consecutive steps whose model forward failed
         self._window: collections.deque[tuple[float, int]] = collections.deque()  # (time, tokens) per step
         self.total_requests = 0
         self.total_tokens = 0
@@ -86,6 +96,13 @@ class Scheduler:
         self.peak_running = 0
         self.rejected = 0
         self.cancelled = 0
+        self.failed_steps = 0
+        self.seq_errors = 0
+
+    @property
+    def healthy(self) -> bool:
+        """False after :data:`UNHEALTHY_AFTER` consecutive failed steps, until a step succeeds."""
+        return self._failing_steps < UNHEALTHY_AFTER
 
     # ---- event-loop side ------------------------------------------------------------------
 
@@ -140,6 +157,8 @@ class Scheduler:
             "total_steps": self.total_steps,
             "rejected": self.rejected,
             "cancelled": self.cancelled,
+            "failed_steps": self.failed_steps,
+            "seq_errors": self.seq_errors,
             "healthy": self.healthy,
         }
         cache = getattr(self.engine, "prefix_cache", None)
@@ -175,15 +194,13 @@ class Scheduler:
                 continue
             try:
                 deliveries = await loop.run_in_executor(self._pool, self._tick_no_grad)
-            except Exception as err:  # an engine failure fails the requests in flight, not the server
+            except Exception as err:  # fails the requests in flight, not queued ones nor the server
                 log.exception("engine step failed")
-                self.healthy = False
-                self.last_error = f"{type(err).__name__}: {err}"
-                failed = await loop.run_in_executor(self._pool, self._fail_all)
+                self._step_failed(f"{type(err).__name__}: {err}")
+                failed = await loop.run_in_executor(self._pool, self._fail_in_flight)
                 for request in failed:
                     request.queue.put_nowait(RuntimeError(f"engine failure: {type(err).__name__}: {err}"))
                 continue
-            self.healthy = True
             for request, item in deliveries:
                 request.queue.put_nowait(item)
 
@@ -220,7 +237,12 @@ class Scheduler:
             self._owners[seq_id] = (request, g)
         if not self.engine.has_work():
             return out
+        forward_failures = self.engine.forward_failures
         events = self.engine.step()
+        if self.engine.forward_failures != forward_failures:
+            self._step_failed(self.engine.last_error)
+        else:
+            self._failing_steps = 0
         self.total_steps += 1
         self.peak_running = max(self.peak_running, self.num_running)
         produced = 0
@@ -229,9 +251,10 @@ class Scheduler:
             if owner is None:
                 continue  # cancelled while this step ran
             request, g = owner
-            produced += 1
+            produced += event.finish_reason != "error"  # an error event carries no token
             out.append((request, (g * request.n + event.index, event)))
             if event.finished:
+                self.seq_errors += event.finish_reason == "error"
                 request.remaining[g] -= 1
                 if request.remaining[g] == 0:
                     self._owners.pop(event.seq_id, None)
@@ -247,12 +270,19 @@ class Scheduler:
                 self.engine.cancel(seq_id)
             request.remaining[g] = 0
 
-    def _fail_all(self) -> list[Request]:
-        """After an engine exception: cancel everything in flight (on the engine thread)."""
-        requests = {id(r): r for r, _ in self._owners.values()}
-        with self._lock:
-            requests.update({id(r): r for r, _ in self._pending})
-            self._pending.clear()
+    def _step_failed(self, message: str | None) -> None:
+        self.failed_steps += 1
+        self._failing_steps += 1
+        self.last_error = message
+
+    def _fail_in_flight(self) -> list[Request]:
+        """After ``engine.step`` raised: cancel the requests it may have touched (on the engine thread).
+
+        Those are the ones with a sequence running or prefilling; requests still waiting in the
+        engine's queue or in ``_pending`` (submitted during the step) are kept.
+        """
+        waiting = self.engine.waiting_ids()
+        requests = {id(r): r for seq_id, (r, _) in self._owners.items() if seq_id not in waiting}
         import torch
 
         with torch.inference_mode():

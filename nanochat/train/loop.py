@@ -10,7 +10,9 @@ format (``model/``), DeepSpeed's optimizer/ZeRO shards (``deepspeed/``) and ``tr
 (step, rows consumed, smoothed loss) so a restart resumes at the same step and data position.
 
 bf16 is autocast over fp32 master weights (as nanochat does), so every optimizer and ZeRO stage
-sees ordinary fp32 parameters; DeepSpeed's own bf16 mode is not used.
+sees ordinary fp32 parameters; DeepSpeed's own bf16 mode is not used. With ``compile`` on, the
+training forward/backward and Muon's Newton-Schulz step run compiled (:mod:`nanochat.train.compile`);
+evaluation and sampling run the same module eagerly.
 """
 
 from __future__ import annotations
@@ -29,7 +31,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from nanochat.common import get_logger
 from nanochat.config import TrainSettings
+from nanochat.train.compile import compile_stats, compile_training, eager, eager_seconds, resolve_compile
+from nanochat.train.killpoints import kill_after_copy, kill_if_due
 from nanochat.train.metrics import (
     EMA,
     Throughput,
@@ -37,9 +42,12 @@ from nanochat.train.metrics import (
     loss_nats_and_bytes,
     measure_matmul_flops,
     peak_flops,
+    peak_rss_mb,
 )
 from nanochat.train.optim import build_optimizer, remember_initial_lrs, set_lr
 from nanochat.train.schedule import grad_accum_steps, is_due, lr_multiplier, muon_momentum
+
+log = get_logger(__name__)
 
 DS_TAG = "state"
 SAMPLE_PROMPTS = [
@@ -75,11 +83,17 @@ def deepspeed_config(settings: TrainSettings, accum: int, ds_optimizer: dict | N
 
 
 class TrainData:
-    """Micro-batches from this worker's shard, epoch after epoch, counting rows for resume."""
+    """Micro-batches from this worker's shard, epoch after epoch, counting rows for resume.
 
-    def __init__(self, shard, batch_size: int, device: torch.device, epoch: int = 0, skip_rows: int = 0):
+    ``first_row``: rows of the epoch the shard already starts past (a pretraining stream rebuilt past
+    the consumed rows), so ``rows_in_epoch`` counts from the epoch's start; ``skip_rows``: rows to
+    read and drop after that (replaying a finite dataset up to the checkpoint's position).
+    """
+
+    def __init__(self, shard, batch_size: int, device: torch.device, epoch: int = 0, skip_rows: int = 0,
+                 first_row: int = 0):
         self.shard, self.batch_size, self.device = shard, batch_size, device
-        self.epoch, self.rows_in_epoch, self.rows_consumed = epoch, 0, 0
+        self.epoch, self.rows_in_epoch, self.rows_consumed = epoch, first_row, 0
         self._skip = skip_rows
         self._it: Iterator | None = None
 
@@ -215,6 +229,30 @@ def _model_state(engine, zero_stage: int, rank: int) -> dict[str, torch.Tensor] 
     return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()} if rank == 0 else None
 
 
+def data_position(loop_state: dict[str, Any], dataset_skip_rows: int, world: int) -> tuple[int, int, int]:
+    """Where a resumed worker's data starts: ``(epoch, rows to read and drop, rows the shard starts past)``.
+
+    ``loop_state``: the checkpoint's train_state.json ({} for a fresh run); ``dataset_skip_rows``: global
+    rows the driver's dataset already starts past (a pretraining stream rebuilt at the checkpoint's
+    position, taken from the same recorded checkpoint). Per worker, rows consumed in the checkpoint's
+    epoch: pretraining never leaves epoch 0, where that is every row consumed (``rows_in_epoch`` of older
+    checkpoints counted from where the rebuilt stream began).
+
+    Raises:
+        RuntimeError: the dataset starts past the checkpoint (the two came from different checkpoints).
+    """
+    epoch = int(loop_state.get("epoch", 0))
+    position = int(loop_state.get("rows_consumed_per_worker" if epoch == 0 else "rows_in_epoch", 0))
+    first_row = dataset_skip_rows // world
+    if first_row > position:
+        raise RuntimeError(
+            f"the dataset starts {first_row - position} rows per worker past the checkpoint of step "
+            f"{loop_state.get('step', 0)}: the data position and the weights came from different checkpoints; "
+            "rerun (or start over with --restart)"
+        )
+    return epoch, position - first_row, first_row
+
+
 def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     """Ray Train entry point; ``cfg`` is built by :func:`nanochat.train.trainer.loop_config`."""
     os.environ["NANOCHAT_BASE_DIR"] = cfg["base_dir"]
@@ -256,7 +294,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     num_params, flops_per_token = model.num_params(), model.estimate_flops()
     seq_len = int(cfg["sequence_len"])
     accum = grad_accum_steps(settings.total_batch_size, settings.device_batch_size, seq_len, world)
-    client_opt, ds_opt = build_optimizer(model, settings)
+    client_opt, ds_opt = build_optimizer(model, settings, dtype)
     engine, optimizer, _, _ = deepspeed.initialize(
         model=model,
         optimizer=client_opt,
@@ -282,12 +320,9 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
                 )
             engine.load_checkpoint(str(Path(d) / "deepspeed"), tag=DS_TAG, load_module_strict=True)
         start_step = int(loop_state["step"])
-    data = TrainData(
-        ray.train.get_dataset_shard("train"), settings.device_batch_size, device,
-        # The dataset itself may already start past rows consumed before this run (pretrain resume).
-        epoch=int(loop_state.get("epoch", 0)),
-        skip_rows=max(0, int(loop_state.get("rows_in_epoch", 0)) - int(cfg.get("dataset_skip_rows", 0)) // world),
-    )
+    epoch, skip_rows, first_row = data_position(loop_state, int(cfg.get("dataset_skip_rows", 0)), world)
+    data = TrainData(ray.train.get_dataset_shard("train"), settings.device_batch_size, device, epoch=epoch,
+                     skip_rows=skip_rows, first_row=first_row)
     data.rows_consumed = int(loop_state.get("rows_consumed_per_worker", 0))
     ema = EMA(0.9)
     if "ema" in loop_state:
@@ -304,6 +339,8 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     wall0 = time.time() - float(loop_state.get("train_seconds", 0.0))
     prompts = SAMPLE_PROMPTS if stage == "base" else []
 
+    kill_at = cfg.get("kill_at") if rank == 0 else None  # test seam, see nanochat.train.killpoints
+
     def save_and_report(step: int, metrics: dict[str, Any]) -> None:
         tmp = Path(tempfile.mkdtemp(prefix=f"nanochat-ckpt-{rank}-"))
         engine.save_checkpoint(str(tmp / "deepspeed"), tag=DS_TAG, save_latest=False)
@@ -311,15 +348,25 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
         if rank == 0:
             save_checkpoint(tmp / "model" / f"step_{step:06d}", state, model_config, tokenizer, stage, step,
                             metrics={k: v for k, v in metrics.items() if isinstance(v, (int, float))},
-                            extra={"tag": cfg["tag"], "settings": cfg["settings"]})
+                            extra={"tag": cfg["tag"], "settings": cfg["settings"]}, tag=cfg["tag"])
             loop = {"step": step, "epoch": data.epoch, "rows_in_epoch": data.rows_in_epoch,
                     "rows_consumed_per_worker": data.rows_consumed, "rows_consumed": data.rows_consumed * world,
                     "world_size": world, "zero_stage": settings.zero_stage, "ema": ema.state(),
                     "train_seconds": time.time() - wall0}
             (tmp / "train_state.json").write_text(json.dumps(loop))
+        kill_if_due(kill_at, "before_copy", step)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(tmp)),
-                         checkpoint_dir_name=f"step_{step:06d}")
+                         checkpoint_dir_name=f"step_{step:06d}", **kill_after_copy(kill_at, step))
         shutil.rmtree(tmp, ignore_errors=True)
+
+    # ---- torch.compile of the training step (nanochat.train.compile); evaluation stays eager ------
+    eager_s = eager_seconds(num_iterations - start_step, tokens_per_step // world, flops_per_token, peak)
+    compiled, why = resolve_compile(settings.compile, settings.zero_stage, eager_s)
+    if compiled and (failed := compile_training(engine, client_opt, device)):
+        compiled, why = False, f"compile off: torch.compile does not work on this worker ({failed}); training eager"
+        log.warning(why)
+    elif rank == 0:
+        log.info(why)
 
     # ---- the loop: evaluate / sample / save at step boundaries, then train one step ----------
     engine.train()
@@ -331,15 +378,21 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
         last = step == num_iterations
         stopping = stop_at is not None and step == stop_at and not last
         metrics: dict[str, Any] = {}
-        if evaluator is not None and (is_due(step, settings.eval_every, num_iterations) or step == 0):
-            metrics.update(evaluator.run(engine.module, device, autocast))
+        # A resumed run's first step was evaluated (and sampled) before its checkpoint was reported.
+        resumed_here = step == start_step and start_step > 0
+        if evaluator is not None and not resumed_here and (is_due(step, settings.eval_every, num_iterations) or step == 0):
+            with eager():
+                metrics.update(evaluator.run(engine.module, device, autocast))
             if stage != "base":
                 metrics.pop("val/bpb", None)
             if stage == "sft" and settings.chat_eval_problems > 0 and rank == 0:
-                metrics.update(_sft_categorical(engine.module, tokenizer, device, autocast, settings.chat_eval_problems,
-                                                cfg.get("task_source", "builtin")))
-        if prompts and settings.sample_every != 0 and (is_due(step, settings.sample_every, num_iterations)):
-            samples = greedy_samples(engine.module, tokenizer, prompts, device)
+                with eager():
+                    metrics.update(_sft_categorical(engine.module, tokenizer, device, autocast,
+                                                    settings.chat_eval_problems, cfg.get("task_source", "builtin")))
+        if prompts and settings.sample_every != 0 and not resumed_here and is_due(step, settings.sample_every,
+                                                                                  num_iterations):
+            with eager():
+                samples = greedy_samples(engine.module, tokenizer, prompts, device)
             if rank == 0:
                 metrics["samples"] = samples
         save_due = step > start_step and (last or stopping or (settings.save_every > 0 and step % settings.save_every == 0))
@@ -362,6 +415,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
                 "tokens_seen": step * tokens_per_step, "total_flops": step * tokens_per_step * flops_per_token,
                 "rows_consumed": data.rows_consumed * world, "epoch": data.epoch, "num_params": num_params,
                 "peak_flops_source": peak_source, "train_seconds": time.time() - wall0,
+                "compile": int(compiled), **compile_stats(), "worker/peak_rss_mb": peak_rss_mb(),
             })
             if save_due:
                 save_and_report(step, metrics)

@@ -1,4 +1,4 @@
-"""Training metrics: smoothed loss, throughput, MFU, data-wait fraction, bits per byte, JSONL output.
+"""Training metrics: smoothed loss, throughput, MFU, data-wait fraction, peak RSS, bits per byte, JSONL output.
 
 MFU = achieved FLOP/s / peak FLOP/s of the worker's device. GPU peaks come from a table (dense
 bf16 / fp32 tensor-core numbers from vendor data sheets); on CPU there is no data sheet, so the
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -62,6 +63,16 @@ def cpu_bf16_speedup(n: int = 512) -> float:
     """How many times faster a bf16 matmul runs than an fp32 one on this CPU (>1: native bf16 units)."""
     cpu = torch.device("cpu")
     return measure_matmul_flops(cpu, torch.bfloat16, n=n) / measure_matmul_flops(cpu, torch.float32, n=n)
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set size in MiB (``getrusage``; 0.0 where it is unavailable)."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return 0.0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(peak / (1024 * 1024 if sys.platform == "darwin" else 1024), 1)  # bytes on macOS, KiB on Linux
 
 
 def peak_flops(device: torch.device, dtype: torch.dtype) -> tuple[float, str]:

@@ -4,17 +4,17 @@
 ``ray_jobs/*.py``, the pipeline and Tune call. Everything that can be wrong with the request
 (config values, batch divisibility, a missing tokenizer, a starting checkpoint of the wrong stage
 or tokenizer) fails here, before any Ray worker starts. A rerun with the same stage and tag reuses
-the Ray Train run name, so Train V2 restores the latest checkpoint (same step, same data
-position); ``restart=True`` starts over. A driver-side callback appends every report to
-``checkpoints/<stage>/<tag>/metrics.jsonl``, prints a log line, and exports every reported
-checkpoint's model to ``checkpoints/<stage>/<tag>/step_NNNNNN`` (what ``nanochat chat`` loads).
+the Ray Train run name, so Train V2 restores the latest checkpoint it recorded (same step, same data
+position; see :mod:`nanochat.train.resume`); ``restart=True`` starts over. A driver-side callback
+appends every report to ``checkpoints/<stage>/<tag>/metrics.jsonl``, prints a log line, and exports
+every reported checkpoint's model to ``checkpoints/<stage>/<tag>/step_NNNNNN`` (what ``nanochat
+chat`` loads; the newest ``keep_checkpoints`` are kept).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,14 +23,25 @@ from typing import Any
 from nanochat.checkpoint import (
     PREVIOUS_STAGE,
     CheckpointError,
+    checkpoint_tag,
     checkpoints_root,
-    copy_checkpoint,
     find_latest,
     read_meta,
 )
 from nanochat.common import NanochatError, atomic_write_text, base_dir, get_logger
 from nanochat.config import Preset, TrainSettings, load_preset
+from nanochat.train.killpoints import KillPoint, kill_if_due, kill_point
 from nanochat.train.metrics import JsonlWriter, format_log_line
+from nanochat.train.resume import (
+    Recorded,
+    agree_with_record,
+    export_checkpoint,
+    forget_run,
+    metrics_record,
+    read_run_record,
+    run_path,
+    storage_root,
+)
 from nanochat.train.schedule import epoch_iterations, grad_accum_steps, pretrain_iterations
 
 log = get_logger(__name__)
@@ -79,26 +90,33 @@ def stage_settings(preset: Preset, stage: str) -> TrainSettings:
 # ---- the driver-side callback ---------------------------------------------------------------
 
 
-def _make_callback(metrics_path: str, export_root: str | None):
+def _make_callback(metrics_path: str, export_root: str | None, keep: int, kill_at: KillPoint | None = None):
     from ray.train import UserCallback
 
     class StageCallback(UserCallback):
-        """Runs in the Train controller (on the driver's node): JSONL, log line, model export."""
+        """Runs in the Train controller (on the driver's node): JSONL, log line, model export.
+
+        Ray calls it after its checkpoint manager has recorded the report's checkpoint, so
+        everything written here follows Ray's record (a crash in between is repaired on rerun).
+        """
 
         def __init__(self) -> None:
             self.writer = JsonlWriter(metrics_path)
 
         def after_report(self, run_context, metrics, checkpoint) -> None:
-            m = dict(metrics[0]) if metrics else {}
-            samples = m.pop("samples", None)
-            self.writer.write({**m, **({"samples": samples} if samples else {})})
-            print(format_log_line(m), flush=True)
-            for s in samples or []:
+            record = metrics_record(dict(metrics[0]) if metrics else {})
+            step = int(record.get("step", -1))
+            if checkpoint is not None:
+                kill_if_due(kill_at, "after_record", step)
+            self.writer.write(record)
+            print(format_log_line(record), flush=True)
+            for s in record.get("samples") or []:
                 print(f"  sample: {s!r}", flush=True)
-            if checkpoint is not None and export_root:
-                with checkpoint.as_directory() as d:
-                    for src in sorted((Path(d) / "model").glob("step_*")):
-                        copy_checkpoint(src, Path(export_root) / src.name)
+            if checkpoint is not None:
+                kill_if_due(kill_at, "before_export", step)
+                if export_root:
+                    export_checkpoint(checkpoint, Path(export_root), keep)
+                kill_if_due(kill_at, "after_export", step)
 
     return StageCallback()
 
@@ -172,12 +190,6 @@ def build_datasets(stage: str, preset: Preset, tokenizer, tokenizer_dir: Path, s
     return {"train": train_ds, "val": val_ds} if val_ds is not None else {"train": train_ds}
 
 
-def _resume_rows(run_dir: Path) -> int:
-    """Global rows consumed at the latest checkpoint of a local run dir (0 when there is none)."""
-    states = sorted(run_dir.glob("step_*/train_state.json"))
-    return int(json.loads(states[-1].read_text()).get("rows_consumed", 0)) if states else 0
-
-
 def _configure_ray_data() -> None:
     """Small blocks so Train's equal split streams (see docs/training.md) instead of waiting for the read."""
     from ray.data import DataContext
@@ -196,14 +208,6 @@ def _num_params(model_config) -> tuple[int, float]:
     with torch.device("meta"):
         model = GPT(model_config)
     return model.num_params(), model.estimate_flops()
-
-
-def _fresh_start(run_dir: Path, stage_dir: Path, metrics_path: Path) -> None:
-    """Forget a previous run of this stage/tag: Ray run dir, metrics, exported steps."""
-    shutil.rmtree(run_dir, ignore_errors=True)
-    metrics_path.unlink(missing_ok=True)
-    for old in stage_dir.glob("step_*"):
-        shutil.rmtree(old, ignore_errors=True)
 
 
 # ---- the API ----------------------------------------------------------------------------------
@@ -260,7 +264,7 @@ def train_stage(
         tok_dir = source / "tokenizer"
         tokenizer = Tokenizer.load(tok_dir)
         model_config = GPTConfig(**meta["model_config"])
-        tag = tag or meta.get("tag") or source.parent.name
+        tag = tag or checkpoint_tag(source, meta)
     num_params, _ = _num_params(model_config)
 
     from nanochat.ray_utils import cluster_has_gpus, init_ray, worker_env
@@ -272,19 +276,25 @@ def train_stage(
     _configure_ray_data()
     stage_dir = checkpoints_root(stage) / tag
     metrics_path = stage_dir / "metrics.jsonl"
-    storage = storage_path or preset.ray.storage_path or str(base_dir() / "ray_results")
+    storage = storage_root(storage_path or preset.ray.storage_path or str(base_dir() / "ray_results"))
     name = run_name or f"{stage}-{tag}"
-    run_dir = Path(storage) / name
-    is_local = "://" not in storage
-    has_previous = is_local and any(run_dir.glob("step_*"))
-    if restart or (is_local and not has_previous):
-        _fresh_start(run_dir if is_local else Path("/nonexistent"), stage_dir, metrics_path)
-    elif has_previous:
-        log.info("resuming %s/%s from the latest checkpoint in %s (use --restart to start over)", stage, tag, run_dir)
+    run = run_path(storage, name)
+    keep = settings.keep_checkpoints
+    # Ray's record is the one source of truth for the resume point: the workers get its latest
+    # checkpoint from ray.train.get_checkpoint(), the driver reads the same record here.
+    record = [] if restart else read_run_record(run)
+    resume_state: dict[str, Any] = {}
+    if not record:  # nothing recorded: whatever an earlier attempt left is not a resume point
+        forget_run(run, stage_dir)
+    else:
+        resume_state = record[-1].train_state()
+        log.info("resuming %s/%s from the latest checkpoint Ray recorded (step %d) in %s (use --restart to start "
+                 "over)", stage, tag, record[-1].step, run)
+        agree_with_record(run, record, stage_dir, metrics_path, keep, export)
 
     dataset_skip_rows = 0
     if datasets is None:
-        dataset_skip_rows = _resume_rows(run_dir) if stage == "base" and is_local else 0
+        dataset_skip_rows = int(resume_state.get("rows_consumed", 0)) if stage == "base" else 0
         datasets = build_datasets(stage, preset, tokenizer, tok_dir, skip_rows=dataset_skip_rows)
     if stage == "base":
         num_iterations = pretrain_iterations(settings.num_iterations, settings.target_param_data_ratio, num_params,
@@ -294,11 +304,13 @@ def train_stage(
         rows = datasets["train"].count() if settings.num_iterations <= 0 else 0
         num_iterations = epoch_iterations(settings.num_iterations, settings.num_epochs, rows, rows_per_step)
 
-    done = _completed_checkpoint(run_dir, num_iterations) if is_local and has_previous and not restart else None
-    if done is not None and stop_at_step is None:
-        log.info("%s/%s already finished %d steps (%s); use --restart to train again", stage, tag, num_iterations, done)
-        return _finish(stage, tag, done, num_iterations, num_params, 0.0, stage_dir, metrics_path, run_dir, preset,
-                       source, export)
+    if record and record[-1].step >= num_iterations and stop_at_step is None:
+        # Finished = the final checkpoint, with the final evaluation reported alongside, is recorded.
+        log.info("%s/%s already finished %d steps (%s); use --restart to train again", stage, tag, num_iterations,
+                 record[-1].checkpoint.path)
+        return _finish(stage, tag, record[-1], num_iterations, num_params, None, stage_dir, run, preset, source,
+                       export, keep)
+    (stage_dir / "summary.json").unlink(missing_ok=True)  # the stage is unfinished again until this run ends
 
     use_gpu = preset.ray.use_gpu if preset.ray.use_gpu is not None else cluster_has_gpus()
     resources = {"CPU": preset.ray.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
@@ -311,6 +323,7 @@ def train_stage(
         "dtype": resolve_dtype(settings.dtype, use_gpu),
         "threads_per_worker": max(1, cores // world) if not use_gpu else 1,
         "stop_at_step": stop_at_step, "debug_pid_dir": debug_pid_dir, "dataset_skip_rows": dataset_skip_rows,
+        "kill_at": kill_point(),
     }
     env = {k: v for k, v in worker_env().items() if k != "NANOCHAT_BASE_DIR"}
     from nanochat.data import idle_backoff
@@ -326,8 +339,9 @@ def train_stage(
             name=name,
             storage_path=storage,
             failure_config=ray.train.FailureConfig(max_failures=preset.ray.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
-            callbacks=[_make_callback(str(metrics_path), str(stage_dir) if export else None), *(callbacks or [])],
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=keep),
+            callbacks=[_make_callback(str(metrics_path), str(stage_dir) if export else None, keep, cfg["kill_at"]),
+                       *(callbacks or [])],
             worker_runtime_env={"env_vars": env},
         ),
         datasets=datasets,
@@ -340,45 +354,39 @@ def train_stage(
     try:
         result = trainer.fit()
     except Exception as err:  # noqa: BLE001 - surface worker errors as one clear line
-        raise TrainError(f"{stage} training failed: {_root_cause(err)} (full logs above; run dir {run_dir})") from err
-    wall = time.time() - t0
-
-    return _finish(stage, tag, result.checkpoint, num_iterations, num_params, wall, stage_dir, metrics_path, run_dir,
-                   preset, source, export, write_summary=stop_at_step is None or stop_at_step >= num_iterations)
-
-
-def _completed_checkpoint(run_dir: Path, num_iterations: int):
-    """The run's final checkpoint when an earlier run of this stage/tag already reached ``num_iterations``."""
-    import ray.train
-
-    states = sorted(run_dir.glob("step_*/train_state.json"))
-    if states and json.loads(states[-1].read_text()).get("step", -1) >= num_iterations:
-        return ray.train.Checkpoint.from_directory(str(states[-1].parent))
-    return None
+        raise TrainError(f"{stage} training failed: {_root_cause(err)} (full logs above; run dir {run})") from err
+    # Wall-clock time of the whole stage: this fit plus the training time recorded before the resume point.
+    wall = time.time() - t0 + float(resume_state.get("train_seconds", 0.0))
+    final = Recorded(result.checkpoint, dict(result.metrics or {})) if result.checkpoint else None  # Ray's latest
+    return _finish(stage, tag, final, num_iterations, num_params, wall, stage_dir, run,
+                   preset, source, export, keep, write_summary=stop_at_step is None or stop_at_step >= num_iterations)
 
 
-def _finish(stage, tag, checkpoint, num_iterations, num_params, wall, stage_dir: Path, metrics_path: Path,
-            run_dir: Path, preset: Preset, source, export: bool, write_summary: bool = True) -> StageResult:
-    """Export the final model (if the callback has not yet), write summary.json, build the result."""
-    exported = None
-    if export and checkpoint is not None:
-        with checkpoint.as_directory() as d:
-            for src in sorted((Path(d) / "model").glob("step_*")):
-                exported = stage_dir / src.name
-                if not (exported / "meta.json").exists():
-                    copy_checkpoint(src, exported)
+def _finish(stage, tag, latest: Recorded | None, num_iterations, num_params, wall: float | None, stage_dir: Path,
+            run: str, preset: Preset, source, export: bool, keep: int, write_summary: bool = True) -> StageResult:
+    """Export the latest recorded model (if the callback has not), write summary.json, build the result.
+
+    ``wall=None``: the stage had finished before this call; its summary.json (written when it
+    finished) is kept, or, when a crash came before it was written, rebuilt from the record with
+    the training time recorded in the final checkpoint.
+    """
+    metrics_path, summary_path = stage_dir / "metrics.jsonl", stage_dir / "summary.json"
+    exported = export_checkpoint(latest.checkpoint, stage_dir, keep, overwrite=False) if export and latest else None
+    if wall is None:
+        if summary_path.exists():
+            wall, write_summary = float(json.loads(summary_path.read_text()).get("wall_seconds") or 0.0), False
+        else:
+            wall = float(latest.train_state().get("train_seconds", 0.0)) if latest else 0.0
     out = StageResult(
         stage=stage, tag=tag, checkpoint=str(exported) if exported else None, num_iterations=num_iterations,
         num_params=num_params, wall_seconds=wall, metrics=read_last_metrics(metrics_path),
-        metrics_path=str(metrics_path), summary_path=str(stage_dir / "summary.json"), run_path=str(run_dir),
+        metrics_path=str(metrics_path), summary_path=str(summary_path), run_path=run,
     )
     if write_summary:
         summary = {**out.as_dict(), "config": preset.model_dump(mode="json"),
                    "source_checkpoint": str(source) if source else None}
-        if wall == 0.0 and (stage_dir / "summary.json").exists():
-            return out  # nothing ran: keep the original summary (its wall-clock time is the real one)
         stage_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(stage_dir / "summary.json", json.dumps(summary, indent=2, default=str))
+        atomic_write_text(summary_path, json.dumps(summary, indent=2, default=str))
     return out
 
 
