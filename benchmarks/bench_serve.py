@@ -8,9 +8,14 @@ Starts a local Ray Serve with two apps on the same small checkpoint (a fresh ran
 For 1, 4 and 16 concurrent streaming clients it measures aggregate output tokens/s and p50/p95
 time to first token (client side, to the first content chunk). It also times the first token of
 a direct in-process ``Engine.generate`` call, to give the TTFT Serve + HTTP + SSE add.
+Then the replicas run (``--no-replicas`` skips it): aggregate tokens/s at 32 streams on 1 replica
+(``batched``) vs 2 replicas behind the prefix-routing ingress (``replicas_c32``), and multi-turn chats
+over 2 replicas routed by prefix affinity vs power of two choices (the same layout, router kwarg
+``affinity: false``; ABBA order, pooled): follow-up-turn TTFT p50/p95, the replicas' prefix-cache hit
+rate (lookups and tokens) and how many follow-ups the router sent to the replica holding their prefix.
 Prints ONE JSON line. Targets: >= 5x aggregate tokens/s at 16 streams; <= 20 ms added TTFT.
 
-    python benchmarks/bench_serve.py [--checkpoint PATH] [--max-tokens 64]
+    python benchmarks/bench_serve.py [--checkpoint PATH] [--max-tokens 64] [--no-replicas]
 """
 
 from __future__ import annotations
@@ -118,6 +123,116 @@ async def load(base: str, model: str, concurrency: int, requests: int, max_token
     }
 
 
+async def conversations(base: str, model: str, chats: int, turns: int, max_tokens: int,
+                        tag: str) -> tuple[list[float], int]:
+    """``chats`` multi-turn conversations at once, ``turns`` each (each turn resends the history), each
+    user pausing 0-0.5 s before every turn (seeded) so that the chats do not advance in lock-step (in
+    lock-step, power of two choices repeats the same placement every wave and looks affine by accident):
+    the TTFT of every follow-up turn in seconds, and the prompt tokens of all turns."""
+    import random
+
+    import httpx
+
+    url = base + "/v1/chat/completions"
+
+    async def chat(client, c: int) -> tuple[list[float], int]:
+        think, prompt_tokens = random.Random(c), 0
+        # distinct from the first character: a hit is this chat's own history, not a shared opening
+        opening = f"{chr(65 + c % 26)}{chr(97 + c // 26 % 26)} ({tag}): "
+        history: list[dict] = [{"role": "system", "content": opening + TEXTS[c % len(TEXTS)][:60]}]
+        out = []
+        for t in range(turns):
+            await asyncio.sleep(think.uniform(0, 0.5))
+            history.append({"role": "user", "content": PROMPTS[(c + t) % len(PROMPTS)]})
+            body = {"model": model, "messages": history, "max_tokens": max_tokens, "temperature": 1.0,
+                    "seed": c * 100 + t, "stream": True, "stream_options": {"include_usage": True}}
+            start, first, text = time.perf_counter(), None, ""
+            async with client.stream("POST", url, json=body) as resp:
+                resp.raise_for_status()
+                async for line in resp.aiter_lines():
+                    if line.startswith("data: {"):
+                        chunk = json.loads(line[6:])
+                        prompt_tokens += (chunk.get("usage") or {}).get("prompt_tokens", 0)
+                        delta = "".join(c["delta"].get("content") or "" for c in chunk["choices"])
+                        first = first or (time.perf_counter() if delta else None)
+                        text += delta
+            if t:
+                out.append((first or time.perf_counter()) - start)
+            history.append({"role": "assistant", "content": text or "ok"})
+        return out, prompt_tokens
+
+    async with httpx.AsyncClient(timeout=600) as client:
+        done = await asyncio.gather(*(chat(client, c) for c in range(chats)))
+    return [x for ttfts, _ in done for x in ttfts], sum(n for _, n in done)
+
+
+POLICIES = ("affinity", "power_of_two", "power_of_two", "affinity")  # ABBA: the app deployed first is slower
+
+
+def replicas_run(checkpoint: Path, base: str, model: str, args: argparse.Namespace,
+                 policies: tuple[str, ...] = POLICIES) -> dict:
+    """2 engine replicas behind the prefix-routing ingress: tokens/s at 32 streams, and multi-turn TTFT
+    and prefix-cache hit rate with affinity vs power of two, each run on a fresh app, in ABBA order
+    (figures pooled per policy) so that neither policy gets the slower first slot."""
+    from ray import serve
+
+    from nanochat.serve.build import build_app_with
+
+    out: dict = {}
+    pooled: dict[str, dict] = {}
+    for policy in policies:
+        affinity = policy == "affinity"
+        overrides = [f"max_batch_size={args.batch}", "max_waiting=256", "min_replicas=2", "max_replicas=2",
+                     f"stream_interval_ms={args.stream_interval_ms}"]
+        deployment = {"request_router_config": {"request_router_kwargs": {"affinity": affinity},
+                                                "request_routing_stats_period_s": 0.5}}
+        serve.run(build_app_with({"checkpoint": str(checkpoint), "overrides": overrides}, deployment),
+                  name="replicas", route_prefix="/replicas")
+        url = f"{base}/replicas"
+        asyncio.run(load(url, model, 4, 8, 8))  # warm-up: both replicas, and the ingress's router
+        before = _settled_cache(url)
+        ttfts, prompt_tokens = asyncio.run(conversations(url, model, args.chats, args.turns, args.chat_tokens, policy))
+        after = _settled_cache(url)
+        acc = pooled.setdefault(policy, {"ttfts": [], "prompt_tokens": 0, "hits": 0, "lookups": 0, "reused": 0,
+                                         "to_holder": 0, "runs": 0})
+        acc["ttfts"] += ttfts
+        acc["prompt_tokens"] += prompt_tokens
+        acc["hits"] += after["hits"] - before["hits"]
+        acc["lookups"] += after["hits"] + after["misses"] - before["hits"] - before["misses"]
+        acc["reused"] += after["tokens_reused"] - before["tokens_reused"]
+        acc["to_holder"] += after["affine"] - before["affine"]  # follow-ups routed where their prefix was
+        acc["runs"] += 1
+        if affinity and "replicas_c32" not in out:
+            out["replicas_c32"] = asyncio.run(load(url, model, 32, 32 * args.requests_per_client, args.max_tokens))
+        serve.delete("replicas")
+    for policy, acc in pooled.items():
+        out[f"multiturn_{policy}"] = {
+            "ttft_p50_ms": round(pct(acc["ttfts"], 0.5) * 1000, 1),
+            "ttft_p95_ms": round(pct(acc["ttfts"], 0.95) * 1000, 1),
+            "prefix_hit_rate": round(acc["hits"] / max(acc["lookups"], 1), 3),  # lookups reusing any prefix
+            # prompt tokens whose KV came from the cache (vLLM's prefix-cache hit rate)
+            "token_hit_rate": round(acc["reused"] / max(acc["prompt_tokens"], 1), 3),
+            "tokens_reused": acc["reused"], "to_holder": acc["to_holder"],
+            "follow_ups": acc["runs"] * args.chats * (args.turns - 1), "chats": args.chats, "turns": args.turns,
+            "runs": acc["runs"],
+        }
+    return out
+
+
+def _settled_cache(url: str, timeout: float = 60.0) -> dict:
+    """Prefix-cache counters summed over the replicas' reports (and the router's ``affine`` count), once
+    the reports count every request routed so far."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while True:
+        stats = httpx.get(url + "/stats", timeout=30).json()
+        reported = sum(r.get("total_requests", 0) for r in stats.get("model_replicas", {}).values())
+        if reported == stats.get("router", {}).get("routed") or time.monotonic() > deadline:
+            return {**stats["prefix_cache"], "affine": stats["router"]["affine"]}
+        time.sleep(0.25)
+
+
 def direct_ttft(checkpoint: Path, repeats: int) -> float:
     """Median seconds from ``Engine.generate`` to its first text event, in this process."""
     from nanochat.checkpoint import load_checkpoint
@@ -149,6 +264,12 @@ def main() -> int:
     parser.add_argument("--requests-per-client", type=int, default=2)
     parser.add_argument("--stream-interval-ms", type=float, default=50.0, help="serve.stream_interval_ms")
     parser.add_argument("--cpu-threads", type=int, default=None, help="serve.cpu_threads (default: Ray's, one thread per replica CPU)")
+    parser.add_argument("--no-replicas", dest="replicas", action="store_false", help="skip the 2-replica run")
+    parser.add_argument("--chats", type=int, default=6, help="multi-turn conversations at once (replicas run; "
+                        "their histories must fit the replicas' prefix caches: 4 x 256 tokens each by default)")
+    parser.add_argument("--turns", type=int, default=4, help="turns per conversation (replicas run; the history "
+                        "must fit the model's context: 256 tokens for the default model)")
+    parser.add_argument("--chat-tokens", type=int, default=12, help="max_tokens per turn (replicas run)")
     args = parser.parse_args()
 
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
@@ -187,6 +308,13 @@ def main() -> int:
         n = max(4, c * args.requests_per_client)
         result[f"batched_c{c}"] = asyncio.run(load(f"{base}/batched", model, c, n, args.max_tokens))
         result[f"single_c{c}"] = asyncio.run(load(f"{base}/single", model, c, n, args.max_tokens))
+    if args.replicas:
+        result["batched_c32"] = asyncio.run(load(f"{base}/batched", model, 32, 32 * args.requests_per_client,
+                                                 args.max_tokens))
+        for app in ("batched", "single"):
+            serve.delete(app)  # room (CPU, memory) for the two replicas
+        result.update(replicas_run(checkpoint, base, model, args))
+        result["replica_speedup_c32"] = round(result["replicas_c32"]["tok_s"] / max(result["batched_c32"]["tok_s"], 1e-9), 2)
     serve.shutdown()
     import ray
 

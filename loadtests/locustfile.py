@@ -7,8 +7,10 @@ milliseconds, or tokens/s for ``tokens_per_s``):
     locust -f loadtests/locustfile.py --headless -u 16 -r 4 -t 60s --stop-timeout 30 --host http://127.0.0.1:8000
 
 Environment: NANOCHAT_MODEL (default: the first id of GET /v1/models), NANOCHAT_MAX_TOKENS (64),
-NANOCHAT_API_KEY (sent as a Bearer token when set). Run it in its own process: locust's gevent
-monkey-patching breaks libraries such as deepspeed imported alongside it.
+NANOCHAT_API_KEY (sent as a Bearer token when set), NANOCHAT_TURNS (1: every request a new chat; N:
+each user holds a conversation for N turns, resending its history, as prefix-affinity routing expects).
+Run it in its own process: locust's gevent monkey-patching breaks libraries such as deepspeed imported
+alongside it.
 """
 
 from __future__ import annotations
@@ -43,15 +45,20 @@ class ChatUser(HttpUser):
         self.headers = {"Authorization": f"Bearer {key}"} if key else {}
         self.max_tokens = int(os.environ.get("NANOCHAT_MAX_TOKENS", "64"))
         self.model = os.environ.get("NANOCHAT_MODEL")
+        self.turns = max(1, int(os.environ.get("NANOCHAT_TURNS", "1")))
+        self.history: list[dict] = []
         if not self.model:
             with self.client.get("/v1/models", headers=self.headers, name="/v1/models", catch_response=True) as r:
                 self.model = r.json()["data"][0]["id"] if r.ok else None
 
     @task
     def stream_chat(self) -> None:
+        if len(self.history) >= 2 * self.turns:
+            self.history = []  # conversation over: start a new one
+        question = {"role": "user", "content": random.choice(PROMPTS)}
         body = {
             "model": self.model,
-            "messages": [{"role": "user", "content": random.choice(PROMPTS)}],
+            "messages": [*self.history, question],
             "max_tokens": self.max_tokens,
             "temperature": 0.8,
             "stream": True,
@@ -60,6 +67,7 @@ class ChatUser(HttpUser):
         start = time.perf_counter()
         first = last = None
         chunks = tokens = 0
+        reply = ""
         done = False
         with self.client.post("/v1/chat/completions", json=body, headers=self.headers, stream=True,
                               name="/v1/chat/completions (stream)", catch_response=True) as resp:
@@ -79,6 +87,7 @@ class ChatUser(HttpUser):
                         tokens = chunk["usage"]["completion_tokens"]
                     for choice in chunk.get("choices", []):
                         if choice.get("delta", {}).get("content"):
+                            reply += choice["delta"]["content"]
                             now = time.perf_counter()
                             first = first or now
                             last = now
@@ -94,6 +103,7 @@ class ChatUser(HttpUser):
                 resp.failure("stream ended without data: [DONE]")
                 return
             resp.success()
+            self.history += [question, {"role": "assistant", "content": reply or "ok"}]
         end = time.perf_counter()
         if first is not None:
             _metric("ttft", (first - start) * 1000)

@@ -2,7 +2,8 @@
 
 Writes are atomic (temp dir + rename, see :func:`nanochat.common.atomic_directory`): a crash
 mid-write leaves the previous checkpoint intact. Loads validate everything they can and raise
-:class:`CheckpointError` naming the file and the fix. The layout under ``$NANOCHAT_BASE_DIR``:
+:class:`CheckpointError` naming the file and the fix. The layout under the artifacts root (the
+``base`` argument of the functions that look there; default ``$NANOCHAT_BASE_DIR``):
 ``checkpoints/<stage>/<tag>/step_<step:06d>/`` with stage in base | mid | sft.
 
 Training state (optimizer / ZeRO shards, data position) lives in Ray Train's run directory, not
@@ -19,6 +20,7 @@ import re
 import shutil
 import time
 from dataclasses import dataclass
+from os import PathLike
 from pathlib import Path
 from typing import Any
 
@@ -29,16 +31,14 @@ from safetensors.torch import load_file, save_file
 from nanochat import __version__
 from nanochat.common import NanochatError, atomic_directory, base_dir
 from nanochat.model import GPT, GPTConfig, build_model
+from nanochat.stages import CHECKPOINT_STAGES, get_stage
 from nanochat.tokenizer import SPECIAL_TOKENS, Tokenizer
 
 FORMAT_VERSION = 1
 MODEL_FILE = "model.safetensors"
 META_FILE = "meta.json"
 TOKENIZER_SUBDIR = "tokenizer"
-STAGES = ("base", "mid", "sft")
-# What each stage starts from, and the command that produces it (for error messages).
-PREVIOUS_STAGE = {"mid": "base", "sft": "mid"}
-PRODUCER = {"base": "nanochat train pretrain", "mid": "nanochat train midtrain", "sft": "nanochat train sft"}
+STEP_DIR = re.compile(r"step_(\d+)")
 
 
 class CheckpointError(NanochatError):
@@ -61,14 +61,26 @@ class Checkpoint:
         return checkpoint_tag(self.path, self.meta)
 
 
-def checkpoints_root(stage: str) -> Path:
-    if stage not in STAGES:
-        raise ValueError(f"unknown stage {stage!r} (allowed: {', '.join(STAGES)})")
-    return base_dir() / "checkpoints" / stage
+def checkpoints_root(stage: str, base: str | PathLike | None = None) -> Path:
+    """``<base>/checkpoints/<stage>`` (``base``: the artifacts root, default ``$NANOCHAT_BASE_DIR``)."""
+    if stage not in CHECKPOINT_STAGES:
+        raise ValueError(f"unknown stage {stage!r} (allowed: {', '.join(CHECKPOINT_STAGES)})")
+    return base_dir(base) / "checkpoints" / stage
 
 
-def checkpoint_dir(stage: str, tag: str, step: int) -> Path:
-    return checkpoints_root(stage) / tag / f"step_{step:06d}"
+def step_name(step: int) -> str:
+    """The folder name of step ``step``'s checkpoint (``step_000012``), here and in Ray's run folder."""
+    return f"step_{step:06d}"
+
+
+def step_of(path: str | Path) -> int:
+    """The step of a ``step_N`` folder (-1 for any other name)."""
+    m = STEP_DIR.fullmatch(Path(path).name)
+    return int(m.group(1)) if m else -1
+
+
+def checkpoint_dir(stage: str, tag: str, step: int, base: str | PathLike | None = None) -> Path:
+    return checkpoints_root(stage, base) / tag / step_name(step)
 
 
 def save_checkpoint(
@@ -113,7 +125,7 @@ def save_checkpoint(
 
 
 def _layout_tag(directory: Path) -> str:
-    return directory.parent.name if re.fullmatch(r"step_\d+", directory.name) else directory.name
+    return directory.parent.name if STEP_DIR.fullmatch(directory.name) else directory.name
 
 
 # Exports written before the trainer passed its tag recorded the name of its temp folder instead.
@@ -181,7 +193,7 @@ def load_checkpoint(
         )
     state = _load_tensors(directory / MODEL_FILE)
     model = build_model(config, device="cpu", init=False)
-    _check_state_dict(model, state, directory / MODEL_FILE)
+    check_state_dict(model, state, directory / MODEL_FILE)
     model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
     model.to(device=device)
     if dtype is not None:
@@ -210,24 +222,26 @@ def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path} is truncated or corrupt ({err}); use an earlier checkpoint") from None
 
 
-def _check_state_dict(model: GPT, state: dict[str, torch.Tensor], path: Path) -> None:
+def check_state_dict(
+    model: GPT, state: dict[str, torch.Tensor], where: str | Path, error: type[NanochatError] = CheckpointError,
+    config_name: str = "its model_config", hint: str = "",
+) -> None:
+    """Raise ``error`` unless ``state`` holds exactly ``model``'s tensors (names and shapes; a model on
+    the meta device will do). The message starts with ``where`` (the file read), names the first
+    differences and ends with ``hint``."""
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
+    tail = f" ({hint})" if hint else ""
     if missing or unexpected:
-        raise CheckpointError(
-            f"{path} does not match its model_config: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        raise error(
+            f"{where} does not match {config_name}: missing {missing[:5]}, unexpected {unexpected[:5]}{tail}"
         )
     for key, tensor in state.items():
         if tuple(tensor.shape) != tuple(expected[key].shape):
-            raise CheckpointError(
-                f"{path}: {key} has shape {tuple(tensor.shape)}, the config needs {tuple(expected[key].shape)}"
+            raise error(
+                f"{where}: {key} has shape {tuple(tensor.shape)}, the config needs {tuple(expected[key].shape)}{tail}"
             )
-
-
-def _step_of(path: Path) -> int:
-    m = re.fullmatch(r"step_(\d+)", path.name)
-    return int(m.group(1)) if m else -1
 
 
 def prune_checkpoints(tag_dir: str | Path, keep: int) -> list[Path]:
@@ -235,61 +249,67 @@ def prune_checkpoints(tag_dir: str | Path, keep: int) -> list[Path]:
 
     The highest step is always kept (``keep`` < 1 counts as 1).
     """
-    steps = sorted((p for p in Path(tag_dir).glob("step_*") if p.is_dir() and _step_of(p) >= 0), key=_step_of)
+    steps = sorted((p for p in Path(tag_dir).glob("step_*") if p.is_dir() and step_of(p) >= 0), key=step_of)
     doomed = steps[: -max(1, keep)]
     for path in doomed:
         shutil.rmtree(path, ignore_errors=True)
     return doomed
 
 
-def list_checkpoints(stage: str, tag: str | None = None) -> list[Path]:
+def list_checkpoints(stage: str, tag: str | None = None, base: str | PathLike | None = None) -> list[Path]:
     """Complete checkpoints of a stage (those with a meta.json), oldest step first."""
-    root = checkpoints_root(stage)
+    root = checkpoints_root(stage, base)
     tags = [root / tag] if tag else [p for p in root.glob("*") if p.is_dir()]
     found = [p for t in tags for p in t.glob("step_*") if (p / META_FILE).exists()]
-    return sorted(found, key=lambda p: (p.parent.name, _step_of(p)))
+    return sorted(found, key=lambda p: (p.parent.name, step_of(p)))
 
 
-def find_latest(stage: str, tag: str | None = None) -> Path:
+def find_latest(stage: str, tag: str | None = None, base: str | PathLike | None = None) -> Path:
     """The newest checkpoint of ``stage``: the deepest ``d<N>`` tag (else newest tag), highest step."""
-    root = checkpoints_root(stage)
+    base = base_dir(base)
+    root = checkpoints_root(stage, base)
     if tag is None:
         tags = [p for p in root.glob("*") if p.is_dir() and any((s / META_FILE).exists() for s in p.glob("step_*"))]
         if not tags:
             raise CheckpointError(
-                f"no {stage} checkpoint under {root}; create one with `{PRODUCER[stage]}` "
+                f"no {stage} checkpoint under {root}; create one with `{get_stage(stage).command}` "
                 "(or run the whole pipeline: `nanochat run --preset tiny`)"
             )
         depth_tags = [(int(m.group(1)), p) for p in tags if (m := re.fullmatch(r"d(\d+)", p.name))]
         chosen = max(depth_tags)[1] if depth_tags else max(tags, key=lambda p: p.stat().st_mtime)
         tag = chosen.name
-    steps = list_checkpoints(stage, tag)
+    steps = list_checkpoints(stage, tag, base)
     if not steps:
-        raise CheckpointError(f"no complete {stage} checkpoint under {root / tag}; run `{PRODUCER[stage]}`")
-    return max(steps, key=_step_of)
+        raise CheckpointError(f"no complete {stage} checkpoint under {root / tag}; run `{get_stage(stage).command}`")
+    return max(steps, key=step_of)
 
 
-def resolve_checkpoint(spec: str | None, default_stages: tuple[str, ...] = ("sft", "mid", "base")) -> Path:
-    """A path, a stage name (its latest checkpoint), or None (latest of the first stage that has one)."""
-    if spec and spec in STAGES:
-        return find_latest(spec)
+def resolve_checkpoint(
+    spec: str | None, default_stages: tuple[str, ...] = ("sft", "mid", "base"), base: str | PathLike | None = None
+) -> Path:
+    """A path, a stage name (its latest checkpoint), or None (latest of the first stage that has one).
+
+    Stage names and None look under ``<base>/checkpoints`` (default ``$NANOCHAT_BASE_DIR``)."""
+    base = base_dir(base)
+    if spec and spec in CHECKPOINT_STAGES:
+        return find_latest(spec, base=base)
     if spec:
         path = Path(spec).expanduser()
         if not path.exists():
             raise CheckpointError(f"checkpoint {path} does not exist")
         if not (path / META_FILE).exists():  # a tag directory: take its highest step
-            steps = sorted((p for p in path.glob("step_*") if (p / META_FILE).exists()), key=_step_of)
+            steps = sorted((p for p in path.glob("step_*") if (p / META_FILE).exists()), key=step_of)
             if not steps:
                 raise CheckpointError(f"{path} holds no checkpoint ({META_FILE} missing)")
             return steps[-1]
         return path
     for stage in default_stages:
         try:
-            return find_latest(stage)
+            return find_latest(stage, base=base)
         except CheckpointError:
             continue
     raise CheckpointError(
-        f"no checkpoint found under {base_dir() / 'checkpoints'}; train one with `nanochat run --preset tiny` "
+        f"no checkpoint found under {base / 'checkpoints'}; train one with `nanochat run --preset tiny` "
         "(the whole pipeline) or `nanochat train pretrain --preset tiny`"
     )
 
@@ -345,7 +365,7 @@ def import_nanochat(
         if key in state and state[key].shape[0] < want:
             pad = torch.zeros(want - state[key].shape[0], state[key].shape[1])
             state[key] = torch.cat([state[key], pad])
-    _check_state_dict(model, state, model_path)
+    check_state_dict(model, state, model_path)
     extra = {"imported_from": str(src), "nanochat_meta": {k: meta.get(k) for k in ("step", "val_bpb") if k in meta}}
     return save_checkpoint(dst, state, config, tokenizer, stage=stage, step=step, extra=extra)
 

@@ -4,7 +4,8 @@ Each group lives in the module that owns the feature; that module exposes
 ``register(subparsers)`` which adds its parser(s) and sets ``func`` (a callable taking the parsed
 ``argparse.Namespace`` and returning an exit code), and ``uses_ray=True`` for a command that may
 start Ray: such a command runs under :func:`nanochat.ray_utils.stop_on_signals` (Ctrl-C and SIGTERM
-stop it and everything its Ray started within a bound). This file only wires them together.
+stop it and everything its Ray started within a bound). This file only wires them together; the
+``ray_jobs/*.py`` scripts run the same commands through :func:`run_job`.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import logging
 import os
 import sys
 import traceback
+from typing import NoReturn
 
 from nanochat.common import NanochatError
 
@@ -22,6 +24,7 @@ from nanochat.common import NanochatError
 COMMAND_MODULES = [
     "nanochat.commands.tok",
     "nanochat.commands.checkpoint",
+    "nanochat.commands.export",
     "nanochat.commands.chat",
     "nanochat.commands.config",
     "nanochat.commands.data",
@@ -83,14 +86,27 @@ def main(argv: list[str] | None = None, exit_process: bool | None = None) -> int
     os._exit(code)
 
 
+def run_job(*command: str) -> NoReturn:
+    """Entry point of ``ray_jobs/<name>.py``: ``nanochat <command...>`` with this process's arguments.
+
+    A job script is the program itself, so it takes the same flags, prints the same ``--help`` and
+    exits the same way as the command (``ray job submit -- python ray_jobs/pretrain.py --help``
+    shows ``nanochat train pretrain --help``).
+    """
+    sys.exit(main([*command, *sys.argv[1:]], exit_process=True))
+
+
 def _run(args: argparse.Namespace, uses_ray: bool) -> int:
     try:
         if not uses_ray:
             return int(args.func(args) or 0)
+        from nanochat.progress import console_options
         from nanochat.ray_utils import stop_on_signals
 
-        # Ctrl-C and SIGTERM stop the command and the Ray it started within STOP_TIMEOUT_S.
-        with stop_on_signals():
+        # Ctrl-C and SIGTERM stop the command and the Ray it started within STOP_TIMEOUT_S; -v and
+        # --no-dashboard hold for the command's duration.
+        with console_options(getattr(args, "verbose", False), dashboard=not getattr(args, "no_dashboard", False)), \
+                stop_on_signals():
             return int(args.func(args) or 0)
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr, flush=True)

@@ -27,9 +27,18 @@ class NanochatError(Exception):
 _LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
-def base_dir() -> Path:
-    """Root of every artifact: ``$NANOCHAT_BASE_DIR`` or ``~/.cache/nanochat``."""
-    root = os.environ.get("NANOCHAT_BASE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "nanochat")
+def base_dir(base: str | os.PathLike | None = None) -> Path:
+    """Root of every artifact (created if missing): ``base`` when given, else the user's default,
+    ``$NANOCHAT_BASE_DIR`` or ``~/.cache/nanochat``.
+
+    The environment is read only here, and only where a caller passes no root: entry points (CLI,
+    job scripts, the Serve app's args, the pipeline, Tune) resolve it once and pass it down, and the
+    ``base=None`` defaults of public functions resolve it for callers that have none. Nothing writes
+    the variable to steer code below (Ray workers get the root in their typed config).
+    """
+    root = base if base is not None else (
+        os.environ.get("NANOCHAT_BASE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "nanochat")
+    )
     path = Path(root)
     path.mkdir(parents=True, exist_ok=True)
     return path
@@ -121,9 +130,3 @@ def _fsync_dir_tree(root: Path) -> None:
         if p.is_file():
             with open(p, "rb") as f:
                 os.fsync(f.fileno())
-
-
-def print0(*args, **kwargs) -> None:
-    """Print only on rank 0 of a distributed job (or always, outside one)."""
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(*args, **kwargs, flush=True)

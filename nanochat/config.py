@@ -9,6 +9,7 @@ the field name and the allowed values.
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 from typing import Any, Literal
 
@@ -96,19 +97,42 @@ class TrainSettings(_Strict):
 
     @model_validator(mode="after")
     def _check_optimizer_zero(self) -> TrainSettings:
-        # Muon needs whole matrices for its orthogonalization: ZeRO-3 shards parameters, so the
-        # per-matrix Newton-Schulz step would see fragments. Refuse that combination up front.
-        if self.optimizer == "muon_adamw" and self.zero_stage != 0:
-            raise ValueError(
-                f"optimizer=muon_adamw does not compose with zero_stage={self.zero_stage} (Muon orthogonalizes "
-                "whole matrices; ZeRO-1/2 hand the optimizer flat partitions and ZeRO-3 shards the matrices "
-                "themselves): use zero_stage=0 with muon_adamw, or optimizer=adamw|deepspeed_adamw with ZeRO 1/2/3"
-            )
+        # Every optimizer runs under every ZeRO stage (muon_adamw regathers whole matrices from the
+        # partitions: nanochat.train.muon_zero); only the offload needs sharded optimizer state.
         if self.offload_optimizer and self.zero_stage < 2:
             raise ValueError("offload_optimizer=true needs zero_stage 2 or 3")
-        if self.offload_optimizer and self.optimizer == "muon_adamw":
-            raise ValueError("offload_optimizer=true needs optimizer=adamw or deepspeed_adamw")
         return self
+
+
+class RLSettings(_Strict):
+    """The ``rl`` stage (nanochat's ``chat_rl``): on-policy REINFORCE after SFT (see docs/rl.md).
+
+    Learning rates are the ``sft`` section's base rates (``matrix_lr``, ``embedding_lr``, …) times
+    ``init_lr_frac``, decayed linearly to 0 over the run, as nanochat does."""
+
+    task: Literal["gsm8k", "arithmetic", "spelling_bee"] = Field("gsm8k", description="questions + reward")
+    num_samples: int = Field(16, ge=2, description="completions per question (one group)")
+    questions_per_step: int = Field(16, ge=1, description="groups per optimizer step")
+    num_iterations: int = Field(-1, description="optimizer steps; -1 = one epoch over the train questions")
+    max_new_tokens: int = Field(256, ge=1)
+    temperature: float = Field(1.0, ge=0.0)
+    top_k: int | None = Field(50, ge=1)
+    init_lr_frac: float = Field(0.05, gt=0, description="multiplier on the sft section's base LRs")
+    optimizer: Literal["muon_adamw", "adamw"] = "muon_adamw"
+    device_batch_size: int = Field(8, ge=1, description="rows per learner forward/backward")
+    grad_clip: float = Field(0.0, ge=0, description="0 disables clipping (nanochat does not clip in RL)")
+    num_rollout_actors: int = Field(1, ge=1, description="Ray actors each holding an Engine")
+    rollout_batch_size: int = Field(64, ge=1, description="engine slots per rollout actor")
+    rollout_cpus: float = Field(1.0, gt=0, description="CPUs per rollout actor (GPU clusters: one GPU each)")
+    max_staleness: int = Field(0, ge=0, description="max optimizer steps between the weights that sampled a "
+                               "rollout and the weights it trains (0 = on-policy; 1 overlaps rollouts with learning)")
+    eval_every: int = Field(60, description="pass@k on held-out questions every N steps (-1: only at the end)")
+    eval_questions: int = Field(400, ge=1)
+    pass_k: int = Field(8, ge=1, description="samples per held-out question (pass@1..k)")
+    save_every: int = Field(60, description="checkpoint every N steps (-1: only at the end)")
+    keep_checkpoints: int = Field(2, ge=1)
+    report_every: int = Field(1, ge=1)
+    seed: int = 42
 
 
 class RaySettings(_Strict):
@@ -129,10 +153,14 @@ class EvalSettings(_Strict):
 
 
 class ServeSettings(_Strict):
-    host: str = "127.0.0.1"
-    port: int = 8000
-    min_replicas: int = 1
-    max_replicas: int = 1
+    """The ``serve`` section. The address the API listens on is not here: it is the Serve config's
+    ``http_options`` (``nanochat serve --host/--port``)."""
+
+    min_replicas: int = Field(1, ge=0, description="engine replicas kept up (0: scale to zero; a request wakes one)")
+    max_replicas: int = Field(1, ge=1, description="autoscaling bound (`nanochat serve --replicas MIN:MAX`)")
+    router: Literal["prefix", "power_of_two"] = Field(
+        "prefix", description="with max_replicas > 1: prefix = a conversation's turns go to the replica holding its "
+        "history (an ingress deployment in front), power_of_two = Serve's default router, no ingress hop")
     max_batch_size: int = 16
     max_new_tokens: int = 512
     temperature: float = 0.8
@@ -150,6 +178,20 @@ class ServeSettings(_Strict):
         None, ge=1, description="torch threads of a CPU replica (None: Ray's default, the replica's num_cpus = 1)"
     )
     tools: bool = Field(True, description="run the python calculator on <|python_start|>…<|python_end|> (as nanochat)")
+    compile: bool | Literal["auto"] = Field(
+        "auto", description="torch.compile the decode step, built at replica start (auto: on GPU replicas only)"
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_address(cls, data: Any) -> Any:
+        """``serve.host``/``serve.port`` were never read: old presets that set them still load, with a warning."""
+        if isinstance(data, dict) and ("host" in data or "port" in data):
+            data = {k: v for k, v in data.items() if k not in ("host", "port")}
+            warnings.warn("serve.host/serve.port are ignored (they never had an effect) and will become an error: "
+                          "set the address in the Serve config's http_options or with `nanochat serve --host/--port`",
+                          FutureWarning, stacklevel=2)
+        return data
 
 
 class MixturePart(_Strict):
@@ -187,6 +229,7 @@ class Preset(_Strict):
     sft: TrainSettings = TrainSettings(
         init_lr_frac=0.02, warmdown_ratio=1.0, device_batch_size=4, total_batch_size=4 * 2048 * 8
     )
+    rl: RLSettings = RLSettings()
     ray: RaySettings = RaySettings()
     eval: EvalSettings = EvalSettings()
     serve: ServeSettings = ServeSettings()
@@ -238,7 +281,11 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
 
 
 def load_preset(name_or_path: str = "tiny", overrides: list[str] | None = None) -> Preset:
-    """Load a preset by name (``tiny``, ``d20`` …) or YAML path and apply ``key=value`` overrides."""
+    """Load a preset by name (``tiny``, ``d20`` …) or YAML path and apply ``key=value`` overrides.
+
+    Raises:
+        ConfigError: unknown preset, malformed override, or a value the settings refuse.
+    """
     path = Path(name_or_path)
     if not path.suffix:
         path = PRESET_DIR / f"{name_or_path}.yaml"
@@ -248,6 +295,19 @@ def load_preset(name_or_path: str = "tiny", overrides: list[str] | None = None) 
         )
     tree = yaml.safe_load(path.read_text()) or {}
     tree.setdefault("name", path.stem)
+    return _validated(tree, overrides, str(path))
+
+
+def apply_overrides(preset: Preset, overrides: list[str] | None) -> Preset:
+    """A new preset: ``preset`` with ``key=value`` overrides applied, validated as a YAML preset's are.
+
+    Raises:
+        ConfigError: a malformed override or a value the settings refuse.
+    """
+    return _validated(preset.model_dump(), overrides, f"preset '{preset.name}'")
+
+
+def _validated(tree: dict[str, Any], overrides: list[str] | None, source: str) -> Preset:
     for item in overrides or []:
         if "=" not in item:
             raise ConfigError(f"--set expects key=value (e.g. pretrain.matrix_lr=0.01), got '{item}'")
@@ -256,7 +316,7 @@ def load_preset(name_or_path: str = "tiny", overrides: list[str] | None = None) 
     try:
         return Preset.model_validate(tree)
     except ValidationError as err:
-        raise ConfigError(_format_validation_error(err, str(path))) from None
+        raise ConfigError(_format_validation_error(err, source)) from None
 
 
 def dump_preset(preset: Preset) -> str:

@@ -6,8 +6,9 @@ the head, no biases, untied embedding and head, GQA through ``n_kv_head``, and a
 logit softcap computed in fp32. Parameter names equal nanochat's state-dict keys so
 checkpoints interchange. This module knows nothing of Ray, DeepSpeed or tokenizers.
 
-The KV cache lives here too because attention writes into it: one slot (row) per sequence, each
-with its own length, so an engine can add and remove sequences between decode steps.
+With ``kv_cache`` the forward continues cached sequences: attention calls the cache's ``begin`` /
+``write`` / ``advance`` (see :mod:`nanochat.kv_cache`, one slot per sequence, each with its own
+length, so an engine can add and remove sequences between decode steps).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
 from nanochat.config import model_dim_for_depth
+from nanochat.kv_cache import KVCache
 
 
 class GPTConfig(BaseModel):
@@ -82,91 +84,6 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     y1 = x1 * cos + x2 * sin
     y2 = x1 * (-sin) + x2 * cos
     return torch.cat([y1, y2], dim=-1).to(x.dtype)
-
-
-class KVCache:
-    """Keys/values for ``batch`` sequence slots, each with its own length.
-
-    Layout ``(n_layer, batch, max_len, n_kv_head, head_dim)``. ``rows(a, b)`` returns a view over
-    slots a..b-1 sharing storage, so an engine can prefill one new sequence into a free slot
-    while others are decoding. Forward passes through a cache must use the same number of new
-    tokens for every row; ``advance`` moves lengths forward after the last layer.
-    """
-
-    def __init__(
-        self,
-        n_layer: int,
-        batch: int,
-        max_len: int,
-        n_kv_head: int,
-        head_dim: int,
-        device: torch.device | str = "cpu",
-        dtype: torch.dtype = torch.float32,
-        _views: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
-    ):
-        if _views is not None:
-            self.k, self.v, self.seqlens = _views
-        else:
-            shape = (n_layer, batch, max_len, n_kv_head, head_dim)
-            self.k = torch.zeros(shape, device=device, dtype=dtype)
-            self.v = torch.zeros(shape, device=device, dtype=dtype)
-            self.seqlens = torch.zeros(batch, dtype=torch.long, device=device)
-        self.max_len = self.k.shape[2]
-        self._positions: torch.Tensor | None = None
-        self._used = 0
-
-    @property
-    def batch(self) -> int:
-        return self.k.shape[1]
-
-    def rows(self, start: int, stop: int) -> KVCache:
-        return KVCache(0, 0, 0, 0, 0, _views=(self.k[:, start:stop], self.v[:, start:stop], self.seqlens[start:stop]))
-
-    def reset(self, rows: slice | list[int] | None = None) -> None:
-        if rows is None:
-            self.seqlens.zero_()
-        else:
-            self.seqlens[rows] = 0
-
-    def move_row(self, src: int, dst: int) -> None:
-        """Copy slot ``src`` into ``dst`` (used to keep active sequences in a contiguous prefix)."""
-        n = int(self.seqlens[src])
-        self.k[:, dst, :n] = self.k[:, src, :n]
-        self.v[:, dst, :n] = self.v[:, src, :n]
-        self.seqlens[dst] = n
-
-    def copy_prefix(self, src: int, dst: int, length: int) -> None:
-        self.k[:, dst, :length] = self.k[:, src, :length]
-        self.v[:, dst, :length] = self.v[:, src, :length]
-        self.seqlens[dst] = length
-
-    def begin(self, num_new: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Prepare one forward of ``num_new`` tokens per row: positions (B, T) and the attention mask."""
-        starts = self.seqlens
-        if int(starts.max()) + num_new > self.max_len:
-            raise ValueError(f"KV cache overflow: {int(starts.max())} + {num_new} > {self.max_len} positions")
-        positions = starts[:, None] + torch.arange(num_new, device=starts.device)[None, :]
-        self._positions = positions
-        self._used = int(starts.max()) + num_new
-        uniform = bool((starts == starts[0]).all())
-        if uniform and num_new == 1:
-            mask = None  # every cached key is visible to the single new query
-        else:
-            keys = torch.arange(self._used, device=starts.device)
-            mask = keys[None, None, :] <= positions[:, :, None]  # (B, Tq, Tk)
-            mask = mask[:, None]  # broadcast over heads
-        return positions, mask
-
-    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store this step's (B, T, H, D) keys/values, return all keys/values so far (B, H, Tk, D)."""
-        rows = torch.arange(k.shape[0], device=k.device)[:, None]
-        self.k[layer][rows, self._positions] = k.to(self.k.dtype)
-        self.v[layer][rows, self._positions] = v.to(self.v.dtype)
-        used = self._used
-        return self.k[layer, :, :used].transpose(1, 2), self.v[layer, :, :used].transpose(1, 2)
-
-    def advance(self, num_new: int) -> None:
-        self.seqlens += num_new
 
 
 class CausalSelfAttention(nn.Module):

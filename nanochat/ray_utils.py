@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import socket
 import sys
@@ -31,16 +32,23 @@ _session_dir: str | None = None  # the embedded Ray this process started (None: 
 _stop_hooks: list[Callable[[], None]] = []  # graceful steps before ray.shutdown, in order
 
 
-def worker_env() -> dict[str, str]:
-    """Environment variables every Ray worker needs (DeepSpeed on CPU, cached compiled ops and graphs)."""
+def worker_env(base: str | os.PathLike | None = None) -> dict[str, str]:
+    """Environment variables every Ray worker needs (DeepSpeed on CPU, cached compiled ops and graphs).
+
+    Not the artifacts root: code in workers gets it in its typed config (``WorkerConfig.base_dir``,
+    an eval shard's payload, a Tune trial's config); ``base`` here only places the compile cache.
+    """
     env = {
         # Reports cost ~2 s each with the default 2 s controller poll; 0.1 s makes them cheap.
         "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1"),
         "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "torch_extensions")),
         # torch.compile's on-disk caches (FX graphs, AOTAutograd): a resumed run reuses the generated code.
-        "TORCHINDUCTOR_CACHE_DIR": os.environ.get("TORCHINDUCTOR_CACHE_DIR", str(base_dir() / "cache" / "torch_compile")),
-        "NANOCHAT_BASE_DIR": str(base_dir()),
+        "TORCHINDUCTOR_CACHE_DIR": os.environ.get("TORCHINDUCTOR_CACHE_DIR",
+                                                  str(base_dir(base) / "cache" / "torch_compile")),
         "TOKENIZERS_PARALLELISM": "false",
+        # Ray Data lists parquet files through a pool of footer-reading actors, 32 by default: 32 Python
+        # processes (~200 MB each) per listing, the bulk of a pretraining run's peak on a small node.
+        "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS": os.environ.get("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", "2"),
     }
     if "DS_ACCELERATOR" in os.environ:
         env["DS_ACCELERATOR"] = os.environ["DS_ACCELERATOR"]
@@ -52,27 +60,47 @@ def worker_env() -> dict[str, str]:
     return env
 
 
-def init_ray(num_cpus: int | None = None, quiet: bool = True) -> dict:
-    """Start or join Ray (idempotent). Returns ``ray.cluster_resources()``."""
+def init_ray(num_cpus: int | None = None, quiet: bool = True, base: str | os.PathLike | None = None) -> dict:
+    """Start or join Ray (idempotent). Returns ``ray.cluster_resources()``. ``base``: see :func:`worker_env`.
+
+    The local Ray starts the dashboard on 127.0.0.1 (port 8265 or the next free one) unless
+    ``NANOCHAT_DASHBOARD=0`` (``--no-dashboard``); its URL and the session's log directory are
+    printed once. ``quiet`` (unless ``NANOCHAT_VERBOSE=1``, ``-v``): workers' output stays in those
+    log files and only nanochat's warnings and errors from workers reach the console
+    (:mod:`nanochat.progress`).
+    """
     import ray
 
-    for key, value in worker_env().items():
+    from nanochat.progress import verbose
+
+    quiet = quiet and not verbose()
+    env = worker_env(base)
+    for key, value in env.items():
         os.environ.setdefault(key, value)
     if ray.is_initialized():
         return ray.cluster_resources()
+    dashboard = dashboard_enabled()
+    if dashboard or os.environ.get("RAY_ADDRESS"):  # a cluster has its own dashboard
+        # Train runs appear in the dashboard's Train view only with Train's state actor.
+        os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_TRACKING", "1")
+    filtered = quiet and _can_filter_worker_output()
     if os.environ.get("RAY_ADDRESS"):
         # Inside `ray job submit` the job's runtime env is fixed; passing ours would fail to merge.
-        ray.init(log_to_driver=not quiet or True)
-        log.info("joined Ray cluster at %s", os.environ["RAY_ADDRESS"])
+        context = ray.init(log_to_driver=filtered or not quiet, logging_level="WARNING" if quiet else "INFO")
+        where = f"joined Ray cluster at {os.environ['RAY_ADDRESS']}"
     else:
         cores = os.cpu_count() or 2
         num_cpus = num_cpus or max(4, 2 * cores)
+        # Nothing preempts the nodes of a local Ray: Train's preemption watcher would be one more process.
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
         handler = signal.getsignal(signal.SIGTERM)
-        ray.init(
+        context = ray.init(
             address="local",  # a new embedded cluster even when a `ray start` cluster runs on this host
             num_cpus=num_cpus,
-            include_dashboard=False,
-            runtime_env={"env_vars": worker_env()},
+            include_dashboard=None if dashboard else False,  # None: start it, but never fail ray.init over it
+            dashboard_host="127.0.0.1",
+            runtime_env={"env_vars": env},
+            log_to_driver=filtered or not quiet,
             logging_level="WARNING" if quiet else "INFO",
             configure_logging=True,
         )
@@ -81,8 +109,104 @@ def init_ray(num_cpus: int | None = None, quiet: bool = True) -> dict:
         global _session_dir
         node = getattr(ray._private.worker, "_global_node", None)
         _session_dir = node.get_session_dir_path() if node is not None else None
-        log.info("started a local Ray (%d logical CPUs on %d cores)", num_cpus, cores)
+        where = f"started a local Ray ({num_cpus} logical CPUs on {cores} cores)"
+    if filtered:
+        _filter_worker_output()
+    else:
+        _ray_prints_worker_output(True)  # a quiet Ray earlier in this process muted it
+    if quiet:
+        _quiet_driver_loggers()
+    url = getattr(context, "dashboard_url", None)
+    log.info("%s; %s", where, _dashboard_line(url, dashboard or bool(os.environ.get("RAY_ADDRESS"))))
+    if _session_dir:
+        log.info("Ray's own logs: %s", Path(_session_dir) / "logs")
     return ray.cluster_resources()
+
+
+# ---- the console: dashboard URL, and Ray's output kept to its log files ---------------------------
+
+DASHBOARD_ENV = "NANOCHAT_DASHBOARD"
+# A worker line that reaches the console in quiet mode: a nanochat warning/error log line, or a Python
+# warning raised in nanochat's code (everything else stays in the worker's log file).
+_WORKER_LINE_SHOWN = re.compile(r"\b(WARNING|ERROR|CRITICAL) nanochat[\w.]*:|nanochat/\S+:\d+: \w*Warning:")
+
+
+def dashboard_enabled() -> bool:
+    """Whether the local Ray starts its dashboard: yes unless ``NANOCHAT_DASHBOARD`` is 0/false/no/off."""
+    return os.environ.get(DASHBOARD_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def dashboard_url() -> str | None:
+    """The Ray dashboard of the Ray this process is connected to (``http://host:port``), else None."""
+    worker = sys.modules.get("ray._private.worker")
+    node = getattr(worker, "_global_node", None) if worker is not None else None
+    url = getattr(node, "webui_url", None) if node is not None else None
+    if not url:
+        return None
+    return url if "://" in url else f"http://{url}"
+
+
+def _dashboard_line(url: str | None, wanted: bool) -> str:
+    if not url:
+        return "the Ray dashboard did not start (see Ray's logs)" if wanted else \
+            "Ray dashboard off (NANOCHAT_DASHBOARD=0 or --no-dashboard)"
+    url = url if "://" in url else f"http://{url}"
+    token = ""
+    with contextlib.suppress(Exception):
+        from ray._private.authentication.authentication_utils import is_token_auth_enabled
+
+        token = " (it asks for the token `ray get-auth-token` prints)" if is_token_auth_enabled() else ""
+    return f"Ray dashboard: {url}{token}"
+
+
+def _can_filter_worker_output() -> bool:
+    try:
+        from ray._private.ray_logging import global_worker_stdstream_dispatcher  # noqa: F401
+    except ImportError:  # a Ray without it: quiet means no worker output at all
+        return False
+    return True
+
+
+def _filter_worker_output() -> None:
+    """Replace Ray's printer of worker output (same handler name, so ``ray.shutdown`` removes ours), and
+    mute the raylet's notices on the driver (worker-pool size, retried tasks of a finished dataset):
+    the raylet and the workers keep them in their own log files, and a failure that matters reaches
+    the command as an exception anyway."""
+    from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+
+    dispatcher.remove_handler("ray_print_logs")
+    dispatcher.add_handler("ray_print_logs", forward_worker_warnings)
+    _ray_prints_worker_output(False)
+
+
+def _ray_prints_worker_output(on: bool) -> None:
+    """Ray's own switch for printing worker output and raylet notices on the driver (its debugger uses it)."""
+    worker = sys.modules.get("ray._private.worker")
+    if worker is not None and hasattr(worker, "_worker_logs_enabled"):
+        worker._worker_logs_enabled = on
+
+
+def forward_worker_warnings(batch: dict) -> None:
+    """Print the lines of one batch of worker output that need the user (nanochat's warnings and
+    errors), prefixed with the actor or task that wrote them; Ray keeps every line in its log files."""
+    from nanochat.progress import write
+
+    who = batch.get("actor_name") or batch.get("task_name") or f"pid={batch.get('pid')}"
+    for line in batch.get("lines") or []:
+        if _WORKER_LINE_SHOWN.search(line):
+            write(f"({who}) {line}")
+
+
+def _quiet_driver_loggers() -> None:
+    """Ray Data prints INFO lines (dataset execution plans, progress notes) on the driver's console;
+    keep them in its log file (``ray-data.log``) only."""
+    import logging
+
+    import ray.data  # noqa: F401 - configures the "ray.data" logger's handlers (import order matters)
+
+    for handler in logging.getLogger("ray.data").handlers:
+        if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+            handler.setLevel(max(handler.level, logging.WARNING))
 
 
 def cluster_has_gpus() -> bool:

@@ -19,12 +19,14 @@ import hashlib
 import json
 import pickle
 from collections.abc import Iterable, Iterator, Sequence
+from os import PathLike
 from pathlib import Path
 from typing import Any
 
 import tiktoken
 
 from nanochat.common import NanochatError, atomic_write_bytes, atomic_write_text, base_dir
+from nanochat.conversation import validate_conversation
 
 # GPT-4's cl100k pattern, except digit runs are split into groups of 1-2 (not 1-3): at 32K vocab
 # this gave nanochat the best val bpb of the three variants it tried.
@@ -51,11 +53,10 @@ META_FILE = "tokenizer.json"
 PICKLE_FILE = "tokenizer.pkl"
 TOKEN_BYTES_FILE = "token_bytes.pt"
 
-ASSISTANT_PART_TYPES = ("text", "python", "python_output")
 
-
-def default_tokenizer_dir() -> Path:
-    return base_dir() / "tokenizer"
+def default_tokenizer_dir(base: str | PathLike | None = None) -> Path:
+    """``<base>/tokenizer``: where ``nanochat tok train`` saves (``base`` default ``$NANOCHAT_BASE_DIR``)."""
+    return base_dir(base) / "tokenizer"
 
 
 class Tokenizer:
@@ -106,7 +107,8 @@ class Tokenizer:
 
     @classmethod
     def load(cls, directory: str | Path | None = None) -> Tokenizer:
-        """Load from a directory written by :meth:`save` (no pickle involved)."""
+        """Load from a directory written by :meth:`save` (no pickle involved; default
+        :func:`default_tokenizer_dir`)."""
         directory = Path(directory) if directory else default_tokenizer_dir()
         meta_path, ranks_path = directory / META_FILE, directory / RANKS_FILE
         if not meta_path.exists() or not ranks_path.exists():
@@ -127,7 +129,8 @@ class Tokenizer:
         return tok
 
     def save(self, directory: str | Path | None = None) -> Path:
-        """Write the portable files plus nanochat's ``tokenizer.pkl`` and ``token_bytes.pt``."""
+        """Write the portable files plus nanochat's ``tokenizer.pkl`` and ``token_bytes.pt`` (default
+        directory :func:`default_tokenizer_dir`)."""
         import torch
 
         directory = Path(directory) if directory else default_tokenizer_dir()
@@ -282,84 +285,6 @@ class Tokenizer:
         ids, _ = self.render_conversation({"messages": messages}, max_tokens=1 << 62, allow_empty=allow_empty)
         return ids + [self.encode_special("<|assistant_start|>")]
 
-    def visualize(self, ids: Sequence[int], mask: Sequence[int]) -> str:
-        """Debug view: supervised tokens in green, others grey (ANSI)."""
-        out = []
-        for token_id, m in zip(ids, mask):
-            color = "\033[92m" if m else "\033[90m"
-            out.append(f"{color}{self.id_to_token(token_id)}\033[0m")
-        return "|".join(out)
-
-
-def validate_conversation(conversation: Any, allow_empty: bool = False) -> list[dict[str, Any]]:
-    """Check the chat rules and return the messages with any system message merged.
-
-    Rules: ``{"messages": [...]}``; optional leading system message followed by a user one; then
-    strict user/assistant alternation starting with user; user content is a non-empty str;
-    assistant content is a non-empty str or a non-empty list of ``{"type", "text"}`` parts with
-    type in text/python/python_output. ``allow_empty`` admits empty user/assistant contents.
-    """
-    if isinstance(conversation, dict):
-        messages = conversation.get("messages")
-    else:
-        messages = conversation
-    if not isinstance(messages, list) or not messages:
-        raise ValueError("conversation: expected {'messages': [...]} with at least one message")
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or "role" not in m or "content" not in m:
-            raise ValueError(f"message {i}: expected an object with 'role' and 'content'")
-    out: list[dict[str, Any]] = [dict(m) for m in messages]
-    start = 0
-    if out[0]["role"] == "system":
-        system = out[0]["content"]
-        if not isinstance(system, str) or not system.strip():
-            raise ValueError("message 0: system content must be a non-empty string")
-        if len(out) < 2 or out[1]["role"] != "user":
-            raise ValueError("message 0: a system message must be followed by a user message")
-        _check_user_content(out[1]["content"], 1, allow_empty)
-        out[1]["content"] = system + "\n\n" + out[1]["content"]
-        out = out[1:]
-        start = 1
-    for j, m in enumerate(out):
-        index = j + start
-        expected = "user" if j % 2 == 0 else "assistant"
-        if m["role"] not in ("user", "assistant", "system"):
-            raise ValueError(f"message {index}: unknown role {m['role']!r} (allowed: system, user, assistant)")
-        if m["role"] != expected:
-            raise ValueError(
-                f"message {index}: expected role {expected!r}, got {m['role']!r} "
-                "(roles must alternate user, assistant, … starting with user; system only first)"
-            )
-        if expected == "user":
-            _check_user_content(m["content"], index, allow_empty)
-        else:
-            _check_assistant_content(m["content"], index, allow_empty)
-    return out
-
-
-def _check_user_content(content: Any, index: int, allow_empty: bool = False) -> None:
-    if not isinstance(content, str):
-        raise ValueError(f"message {index}: user content must be a string, got {type(content).__name__}")
-    if not content and not allow_empty:
-        raise ValueError(f"message {index}: content must not be empty")
-
-
-def _check_assistant_content(content: Any, index: int, allow_empty: bool = False) -> None:
-    if isinstance(content, str):
-        if not content and not allow_empty:
-            raise ValueError(f"message {index}: content must not be empty")
-        return
-    if not isinstance(content, list) or not (content or allow_empty):
-        raise ValueError(f"message {index}: assistant content must be a non-empty string or list of parts")
-    for k, part in enumerate(content):
-        if not isinstance(part, dict) or part.get("type") not in ASSISTANT_PART_TYPES:
-            kind = part.get("type") if isinstance(part, dict) else type(part).__name__
-            raise ValueError(
-                f"message {index}, part {k}: unknown part type {kind!r} (allowed: {', '.join(ASSISTANT_PART_TYPES)})"
-            )
-        if not isinstance(part.get("text"), str):
-            raise ValueError(f"message {index}, part {k}: 'text' must be a string")
-
 
 def _format_ranks(ranks: dict[bytes, int]) -> str:
     return "".join(f"{base64.b64encode(tok).decode()} {rank}\n" for tok, rank in sorted(ranks.items(), key=lambda x: x[1]))
@@ -378,11 +303,6 @@ def _read_ranks(path: Path) -> dict[bytes, int]:
     if sorted(ranks.values()) != list(range(len(ranks))):
         raise ValueError(f"{path.name}: ranks are not a contiguous 0..N-1 range")
     return ranks
-
-
-def get_tokenizer(directory: str | Path | None = None) -> Tokenizer:
-    """The run's tokenizer (``$NANOCHAT_BASE_DIR/tokenizer`` unless a directory is given)."""
-    return Tokenizer.load(directory)
 
 
 def iter_capped(texts: Iterable[str], max_chars: int, doc_cap: int) -> Iterator[str]:

@@ -87,7 +87,6 @@ def _trial(config: dict[str, Any]) -> None:
 
     from nanochat.train.trainer import train_stage
 
-    os.environ["NANOCHAT_BASE_DIR"] = config["_base_dir"]  # trials run in Ray workers: same artifacts
     params = {k: v for k, v in config.items() if not k.startswith("_")}
     preset = trial_preset(config["_preset"], config["_overrides"], params)
     trial_id = tune.get_context().get_trial_id()
@@ -98,6 +97,7 @@ def _trial(config: dict[str, Any]) -> None:
         run_name=f"tune-{trial_id}",  # deterministic: a retried trial restores its own run
         callbacks=[TuneReportCallback()],
         export=False,
+        base=config["_base_dir"],  # trials run in Ray workers: the sweep's artifacts root, passed down
     )
 
 
@@ -142,29 +142,32 @@ def run_sweep(
     grace_period: int = 1,
     name: str = "sweep",
     max_concurrent: int | None = None,
+    base: str | os.PathLike | None = None,
 ) -> SweepResult:
-    """Run an ASHA sweep on ``val/bpb``; write results.csv, a plot and the best config as a preset."""
+    """Run an ASHA sweep on ``val/bpb``; write results.csv, a plot and the best config as a preset
+    under ``<base>/tune/<name>`` (``base``: the artifacts root, default ``$NANOCHAT_BASE_DIR``)."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
     overrides = overrides or []
-    base = load_preset(preset_name, overrides)
+    base_preset = load_preset(preset_name, overrides)
     param_space = parse_space(space or DEFAULT_SPACE)
     for key in param_space:  # every key must be a real preset field: check before any trial starts
         sample = {key: _first_value(param_space[key])}
         trial_preset(preset_name, overrides, sample)
-    resources, concurrent = _per_trial_resources(base)
+    resources, concurrent = _per_trial_resources(base_preset)
     concurrent = min(concurrent, max_concurrent or concurrent)
-    num_reports = max(1, base.pretrain.num_iterations // max(1, base.pretrain.eval_every))
+    num_reports = max(1, base_preset.pretrain.num_iterations // max(1, base_preset.pretrain.eval_every))
     scheduler = ASHAScheduler(
         time_attr="training_iteration", max_t=num_reports, grace_period=grace_period, reduction_factor=2
     )
     search_alg = _searcher(searcher)
-    out_dir = base_dir() / "tune" / name
+    base = base_dir(base)
+    out_dir = base / "tune" / name
     out_dir.mkdir(parents=True, exist_ok=True)
     tuner = tune.Tuner(
         tune.with_resources(_trial, resources),
-        param_space={**param_space, "_preset": preset_name, "_overrides": overrides, "_base_dir": str(base_dir())},
+        param_space={**param_space, "_preset": preset_name, "_overrides": overrides, "_base_dir": str(base)},
         tune_config=tune.TuneConfig(
             metric=METRIC,
             mode="min",
@@ -173,7 +176,7 @@ def run_sweep(
             num_samples=num_samples,
             max_concurrent_trials=concurrent,
         ),
-        run_config=tune.RunConfig(name=name, storage_path=str(base_dir() / "ray_results"), verbose=1),
+        run_config=tune.RunConfig(name=name, storage_path=str(base / "ray_results"), verbose=1),
     )
     log.info(
         "sweep %s: %d trials, %d at a time, ASHA on %s over %d reports",
@@ -184,7 +187,7 @@ def run_sweep(
         num_reports,
     )
     results = tuner.fit()
-    return _write_outputs(results, base, preset_name, overrides, list(param_space), num_reports, out_dir)
+    return _write_outputs(results, base_preset, preset_name, overrides, list(param_space), num_reports, out_dir)
 
 
 def _first_value(domain: Any) -> Any:

@@ -1,16 +1,17 @@
-"""Ray job entrypoint for the whole pipeline (same options as ``nanochat run``).
+"""Ray job entrypoint for ``nanochat run`` (same flags, same ``--help``).
 
     ray job submit --working-dir . -- python ray_jobs/pipeline.py --preset d20
+
+Inside a job (RAY_ADDRESS set) it joins the cluster; run directly, it starts a local Ray.
 """
 
-import argparse
 import sys
+from pathlib import Path
 
-from nanochat.cli import main as cli_main
-from nanochat.commands.run import add_run_args
+# The repo root (the job's working_dir) holds the package when it is not pip-installed on the cluster.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from nanochat.cli import run_job  # noqa: E402
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_run_args(parser)
-    parser.parse_args()  # validate here so --help and errors come from this script
-    sys.exit(cli_main(["run", *sys.argv[1:]]))
+    run_job("run")

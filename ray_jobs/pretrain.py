@@ -1,7 +1,8 @@
-"""Ray job entrypoint: `ray job submit --working-dir . -- python ray_jobs/pretrain.py --preset tiny`.
+"""Ray job entrypoint for ``nanochat train pretrain`` (same flags, same ``--help``).
 
-Takes the same flags as `nanochat train pretrain`. Inside a job (RAY_ADDRESS set) it joins the
-cluster; run directly, it starts a local Ray.
+    ray job submit --working-dir . -- python ray_jobs/pretrain.py --preset tiny
+
+Inside a job (RAY_ADDRESS set) it joins the cluster; run directly, it starts a local Ray.
 """
 
 import sys
@@ -10,7 +11,7 @@ from pathlib import Path
 # The repo root (the job's working_dir) holds the package when it is not pip-installed on the cluster.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from nanochat.train.cli_args import main  # noqa: E402
+from nanochat.cli import run_job  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(main("pretrain"))
+    run_job("train", "pretrain")

@@ -1,16 +1,17 @@
-"""Ray job entrypoint for a hyperparameter sweep (same options as ``nanochat tune``).
+"""Ray job entrypoint for ``nanochat tune`` (same flags, same ``--help``).
 
     ray job submit --working-dir . -- python ray_jobs/tune.py --preset d12 --num-samples 8
+
+Inside a job (RAY_ADDRESS set) it joins the cluster; run directly, it starts a local Ray.
 """
 
-import argparse
 import sys
+from pathlib import Path
 
-from nanochat.cli import main as cli_main
-from nanochat.commands.tune import add_tune_args
+# The repo root (the job's working_dir) holds the package when it is not pip-installed on the cluster.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from nanochat.cli import run_job  # noqa: E402
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_tune_args(parser)
-    parser.parse_args()
-    sys.exit(cli_main(["tune", *sys.argv[1:]]))
+    run_job("tune")

@@ -13,6 +13,8 @@ import pytest
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+# The local Ray's dashboard (on for users) costs ~10 processes and ~1 GB: only tests/test_dashboard.py turns it on.
+os.environ.setdefault("NANOCHAT_DASHBOARD", "0")
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "torch_extensions"))
 
 
@@ -120,9 +122,9 @@ def ray_session(tmp_path_factory):
 def _prepared_tiny_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("prepared_tiny")
     with _base_dir_env(root):
-        from nanochat.commands.tok import train_tokenizer
         from nanochat.config import load_preset
-        from nanochat.data.pretrain_data import prepare
+        from nanochat.sources.pretrain import prepare
+        from nanochat.tokenizer_train import train_tokenizer
 
         prepare("builtin", progress=False)
         train_tokenizer(load_preset("tiny"), max_chars=3_000_000)

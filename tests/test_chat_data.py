@@ -10,9 +10,9 @@ from nanochat.data.chat_data import (
     build_midtrain_datasets,
     build_sft_datasets,
     mid_rows,
-    pack_best_fit,
     sft_row,
 )
+from nanochat.data.packing import pack_best_fit_padded
 
 TOOL_CONV = {"messages": [
     {"role": "user", "content": "What is 6*7?"},
@@ -73,14 +73,14 @@ def test_mid_rows_supervise_every_real_token(tiny_tokenizer):
 
 def test_best_fit_packing_keeps_every_token_and_fills_rows():
     docs = [[i] * n for i, n in enumerate([5, 3, 8, 2, 7, 1, 4])]
-    rows = pack_best_fit(docs, 10, pad_id=-7)
+    rows = pack_best_fit_padded(docs, 10, pad_id=-7)
     assert all(len(r) == 10 for r, _ in rows)
     flat = [t for r, n in rows for t in r[:n]]
     assert sorted(flat) == sorted(t for d in docs for t in d)
     assert [n for _, n in rows] == [10, 10, 10]  # 8+2, 7+3, 5+4+1
     assert all(t == -7 for r, n in rows for t in r[n:])
     with pytest.raises(ValueError, match="does not fit"):
-        pack_best_fit([[1] * 11], 10, 0)
+        pack_best_fit_padded([[1] * 11], 10, 0)
 
 
 def small_preset():

@@ -235,6 +235,20 @@ def test_resolve_checkpoint_by_stage_path_tag_dir_and_default_order(base_dir, mo
     assert resolve_checkpoint(str(base.parent)) == base
 
 
+def test_lookups_use_the_artifacts_root_they_are_passed_not_the_environment(base_dir, tmp_path, model,
+                                                                             tiny_tokenizer):
+    other = tmp_path / "other_root"
+    path = save_checkpoint(checkpoint_dir("mid", "d2", 7, base=other), model, model.config, tiny_tokenizer,
+                           stage="mid", step=7)
+    assert path == other / "checkpoints" / "mid" / "d2" / "step_000007"
+    assert find_latest("mid", base=other) == path
+    assert list_checkpoints("mid", base=other) == [path]
+    assert resolve_checkpoint(None, base=other) == path
+    assert resolve_checkpoint("mid", base=other) == path
+    with pytest.raises(CheckpointError, match=str(base_dir / "checkpoints")):  # $NANOCHAT_BASE_DIR has none
+        resolve_checkpoint(None)
+
+
 def test_no_checkpoint_error_names_the_command(base_dir):
     with pytest.raises(CheckpointError, match="nanochat run --preset tiny"):
         resolve_checkpoint(None)

@@ -241,8 +241,8 @@ def test_tok_train_input_then_eval_subprocess(tmp_path):
 
 
 def test_tok_eval_offline_flag_skips_baselines_and_includes_shards(base_dir, capsys):
-    from nanochat.commands.tok import SAMPLE_TEXTS
     from nanochat.tokenizer import Tokenizer
+    from nanochat.tokenizer_eval import SAMPLE_TEXTS
 
     Tokenizer.train_from_iterator([_corpus_text()], vocab_size=400).save()
     _write_shards(base_dir / "data" / "builtin", ["alpha beta gamma " * 20, "delta epsilon " * 20])
@@ -303,10 +303,10 @@ def test_tok_train_bad_inputs_are_clear_errors(base_dir, tmp_path, capsys):
 
 
 def test_tok_train_caps_documents_and_total_chars(base_dir, tmp_path):
-    from nanochat.commands.tok import _chunk_lines, iter_input_files
+    from nanochat.tokenizer_train import chunk_lines, iter_input_files
 
     text = "line one\nline two is longer\n" * 50
-    chunks = list(_chunk_lines(text, 30))
+    chunks = list(chunk_lines(text, 30))
     assert "".join(chunks) == text and all(len(c) <= 30 for c in chunks)
     f = tmp_path / "t.txt"
     f.write_text(text)
@@ -360,7 +360,8 @@ def test_answer_once_streams_the_greedy_answer(use_chat_base):
 
 
 def test_library_train_and_evaluate_tokenizer(base_dir, tmp_path):
-    from nanochat.commands.tok import evaluate_tokenizer, train_tokenizer
+    from nanochat.tokenizer_eval import evaluate_tokenizer
+    from nanochat.tokenizer_train import train_tokenizer
 
     corpus = tmp_path / "c.txt"
     corpus.write_text(_corpus_text())

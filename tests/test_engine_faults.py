@@ -13,12 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from nanochat.detok import IncrementalDetokenizer
 from nanochat.engine import Engine, EngineError, SamplingParams, sample_token
 from nanochat.sampling import GREEDY_BELOW, SamplingError
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _helpers_engine import InjectedFault, drain, outcome, poison  # noqa: E402
+from _helpers_engine import drain, outcome, poison  # noqa: E402
 from test_engine import prompt_for, scripted_model, tool_chain  # noqa: E402
 
 
@@ -186,7 +185,7 @@ def test_a_failed_decode_forward_fails_its_rows_and_queued_requests_still_run(mo
     rest = drain(engine)
     steps = [e for (s, _), evs in rest.items() if s == queued for e in evs]
     steps = [e for e in events if e.seq_id == queued] + steps
-    assert [e.token_id for e in steps if e.token_id not in engine._terminal] == alone.tokens
+    assert [e.token_id for e in steps if not e.ends_turn] == alone.tokens
 
 
 def test_a_failed_prefill_fails_only_its_request(model, tok):
@@ -221,7 +220,7 @@ def test_out_of_range_prompt_token_ids_are_refused_at_add(model, tok):
 
 
 def test_tool_failure_fails_only_the_sequence_that_ran_the_tool(tiny_model_factory, tok, monkeypatch):
-    import nanochat.engine as engine_module
+    import nanochat.engine_seq as engine_module
 
     prompt = prompt_for(tok, "hi")
     chain = tool_chain(tok, prompt, "7*6")
@@ -239,14 +238,3 @@ def test_tool_failure_fails_only_the_sequence_that_ran_the_tool(tiny_model_facto
     assert "injected calculator fault on '7*6'" in outcome(got[(with_tool, 0)]).error
     plain = outcome(got[(without, 0)])
     assert plain.finish_reason == "stop" and [t for t, _ in plain.steps] == chain[1:]
-
-
-def test_chat_stream_raises_when_its_sequence_fails(model, tok, monkeypatch):
-    engine = Engine(model, tok)
-
-    def broken_push(self, token_id):
-        raise InjectedFault("injected detokenizer fault")
-
-    monkeypatch.setattr(IncrementalDetokenizer, "push", broken_push)
-    with pytest.raises(EngineError, match="generation failed: InjectedFault"):
-        list(engine.chat_stream({"messages": [{"role": "user", "content": "hi"}]}, SamplingParams(max_tokens=4)))

@@ -59,7 +59,7 @@ def test_completed_stages_are_skipped_and_from_stage_reruns(base_dir, monkeypatc
     import nanochat.pipeline as pipeline
 
     calls: list[tuple[str, bool]] = []
-    stages = [pipeline.Stage(s.name, s.description, lambda p, t, fresh, n=s.name: calls.append((n, fresh)) or {}) for s in pipeline.STAGES]
+    stages = [pipeline.Stage(s.name, s.description, lambda p, t, fresh, base, n=s.name: calls.append((n, fresh)) or {}) for s in pipeline.STAGES]
     monkeypatch.setattr(pipeline, "STAGES", stages)
     preset = load_preset("tiny")
     run_pipeline(preset, stop_after="tok_eval")
@@ -78,7 +78,7 @@ def test_a_failed_stage_is_recorded_and_the_rerun_starts_there(base_dir, monkeyp
     attempts = {"tok_eval": 0}
 
     def make(name):
-        def run(preset, tag, fresh):
+        def run(preset, tag, fresh, base):
             calls.append(name)
             if name == "tok_eval":
                 attempts[name] += 1

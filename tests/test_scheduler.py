@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from nanochat.engine import Engine, SamplingParams
-from nanochat.serve.scheduler import DONE, UNHEALTHY_AFTER, Scheduler
+from nanochat.serve.scheduler import DONE, UNHEALTHY_AFTER, QueueFull, Scheduler
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _helpers_engine import poison  # noqa: E402
@@ -52,9 +52,9 @@ async def collect(request) -> list:
             return items
 
 
-def tokens_and_text(items, terminal: set[int]) -> tuple[list[int], str, str]:
+def tokens_and_text(items) -> tuple[list[int], str, str]:
     events = [ev for _, ev in items]
-    tokens = [e.token_id for e in events if not (e.finished and e.token_id in terminal)]
+    tokens = [e.token_id for e in events if not e.ends_turn]
     return tokens, "".join(e.text for e in events), events[-1].finish_reason
 
 
@@ -68,7 +68,6 @@ def test_twelve_requests_one_with_tiny_temperature_one_faulty_all_others_complet
     prompts = [prompt_for(tok, t) for t in TEXTS]
     reference_params = [p.model_copy(update={"temperature": 0.0}) if i == 3 else p for i, p in enumerate(params)]
     reference = Engine(model, tok).generate_many(prompts, reference_params)
-    terminal = {tok.encode_special("<|assistant_end|>"), tok.get_bos_token_id()}
 
     engine = Engine(model, tok, max_batch_size=16)
     faulty = prompts[7]
@@ -109,7 +108,7 @@ def test_twelve_requests_one_with_tiny_temperature_one_faulty_all_others_complet
             assert last.finish_reason == "error" and "injected detok fault" in last.error
             assert [ev.token_id for _, ev in items[:-1]] == reference[i][0].tokens[:2]
             continue
-        tokens, text, reason = tokens_and_text(items, terminal)
+        tokens, text, reason = tokens_and_text(items)
         assert (tokens, text, reason) == (reference[i][0].tokens, reference[i][0].text, reference[i][0].finish_reason), i
     assert health and all(health)
     assert stats["healthy"] and stats["seq_errors"] == 1 and stats["failed_steps"] == 0
@@ -121,7 +120,6 @@ def test_a_failed_batched_forward_fails_only_the_requests_in_it_and_health_stays
     engine = Engine(model, tok, max_batch_size=2, prefix_cache=False)
     queued_prompt = prompt_for(tok, TEXTS[2])
     alone = Engine(model, tok).generate_batch(queued_prompt, params)[0]
-    terminal = {tok.encode_special("<|assistant_end|>"), tok.get_bos_token_id()}
     fired = []
 
     def boom(_module, inputs):  # the first batched decode of two rows fails, once
@@ -148,7 +146,7 @@ def test_a_failed_batched_forward_fails_only_the_requests_in_it_and_health_stays
     for items in results[:2]:
         last = items[-1][1]
         assert last.finish_reason == "error" and "injected forward fault" in last.error
-    assert tokens_and_text(results[2], terminal) == (alone.tokens, alone.text, alone.finish_reason)
+    assert tokens_and_text(results[2]) == (alone.tokens, alone.text, alone.finish_reason)
     assert healthy and stats["failed_steps"] == 1 and stats["seq_errors"] == 2
 
 
@@ -193,7 +191,6 @@ def test_an_exception_escaping_the_engine_step_fails_only_requests_in_flight(mod
     engine.prefix_cache.insert = insert
     waiting_prompt = prompt_for(tok, TEXTS[1])
     alone = Engine(model, tok).generate_batch(waiting_prompt, params)[0]
-    terminal = {tok.encode_special("<|assistant_end|>"), tok.get_bos_token_id()}
 
     async def main():
         scheduler = Scheduler(engine, max_waiting=8)
@@ -206,5 +203,27 @@ def test_an_exception_escaping_the_engine_step_fails_only_requests_in_flight(mod
 
     (first, second), stats = run(main())
     assert len(first) == 1 and isinstance(first[0], RuntimeError) and "injected engine bug" in str(first[0])
-    assert tokens_and_text(second, terminal) == (alone.tokens, alone.text, alone.finish_reason)
+    assert tokens_and_text(second) == (alone.tokens, alone.text, alone.finish_reason)
     assert stats["failed_steps"] == 1 and stats["healthy"]
+
+
+def test_submissions_beyond_max_waiting_raise_queue_full_and_the_admitted_ones_complete(model, tok):
+    """The scheduler is the one admission layer (the engine itself queues without bound)."""
+    params = SamplingParams(max_tokens=3, temperature=0)
+    engine = Engine(model, tok, max_batch_size=1)
+
+    async def main():
+        scheduler = Scheduler(engine, max_waiting=2)
+        admitted = [scheduler.submit([prompt_for(tok, t)], [params]) for t in TEXTS[:2]]
+        with pytest.raises(QueueFull, match="retry"):
+            scheduler.submit([prompt_for(tok, TEXTS[2])], [params])
+        with pytest.raises(QueueFull):  # a batch of 3 prompts never fits 2 waiting places
+            scheduler.submit([prompt_for(tok, t) for t in TEXTS[3:6]], [params] * 3)
+        results = await asyncio.gather(*(collect(r) for r in admitted))
+        stats = scheduler.stats()
+        await scheduler.close()
+        return results, stats
+
+    results, stats = run(main())
+    assert all(items[-1][1].finish_reason in ("stop", "length") for items in results)
+    assert stats["rejected"] == 2 and stats["total_requests"] == 2

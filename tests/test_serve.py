@@ -292,7 +292,9 @@ ERROR_CASES = [
     ({**OK, "max_tokens": 4, "max_completion_tokens": 5}, 400, None, "invalid_value"),
     ({**OK, "frobnicate": 1}, 400, "frobnicate", "unknown_parameter"),
     ({**OK, "logit_bias": {"10": 5}}, 400, "logit_bias", "unsupported_parameter"),
-    ({**OK, "logprobs": True}, 400, "logprobs", "unsupported_parameter"),
+    ({**OK, "top_logprobs": 2}, 400, None, "invalid_value"),  # top_logprobs needs logprobs: true
+    ({**OK, "logprobs": True, "top_logprobs": 21}, 400, "top_logprobs", "invalid_value"),
+    ({**OK, "echo": True}, 400, "echo", "unknown_parameter"),  # echo is a completions field
     ({**OK, "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools", "unsupported_parameter"),
     ({**OK, "response_format": {"type": "json_object"}}, 400, "response_format", "unsupported_parameter"),
     ({**OK, "presence_penalty": 1.0}, 400, "presence_penalty", "unsupported_parameter"),
@@ -585,6 +587,7 @@ def test_cpu_replica_threads_follow_ray_unless_cpu_threads_is_set(server):
     keyed = httpx.get(server["base"] + "/keyed/stats", timeout=10).json()
     assert main["torch_threads"] == 1
     assert keyed["torch_threads"] == 2
+    assert main["decode_compiled"] is False  # serve.compile=auto: CPU replicas decode eagerly
 
 
 def test_multi_turn_history_hits_the_prefix_cache_and_invalidate_drops_it(server, client):
@@ -781,3 +784,131 @@ def test_headless_locust_run_has_no_failures(server, tmp_path):
     assert agg["Name"] == "Aggregated" and int(agg["Request Count"]) > 0 and int(agg["Failure Count"]) == 0
     names = {r.split(",")[1] for r in rows[1:]}
     assert {"ttft", "inter_token_latency"} <= names
+
+
+# ---- log-probabilities over HTTP, parsed by the openai client (engine-level checks: test_logprobs.py) ----
+
+
+def test_openai_client_parses_chat_logprobs_streamed_and_whole(client):
+    whole = _chat(client, max_tokens=6, temperature=0, logprobs=True, top_logprobs=3)
+    content = whole.choices[0].logprobs.content
+    assert len(content) == whole.usage.completion_tokens > 0
+    for entry in content:  # greedy: each chosen token is the best of its alternatives
+        assert len(entry.top_logprobs) == 3 and entry.logprob == pytest.approx(entry.top_logprobs[0].logprob)
+        assert entry.bytes and entry.logprob <= 0
+    stream = _chat(client, max_tokens=6, temperature=0, logprobs=True, top_logprobs=3, stream=True)
+    streamed = [x for chunk in stream for c in chunk.choices if c.logprobs for x in c.logprobs.content]
+    assert [x.token for x in streamed] == [x.token for x in content]
+
+
+def test_openai_client_parses_completion_echo_with_max_tokens_zero(client):
+    out = client.completions.create(model=MODEL, prompt="the cat sat on the mat", max_tokens=0, echo=True, logprobs=1)
+    choice = out.choices[0]
+    lp = choice.logprobs
+    assert choice.text == "the cat sat on the mat" and out.usage.completion_tokens == 0
+    assert lp.token_logprobs[0] is None and all(v <= 0 for v in lp.token_logprobs[1:])
+    assert len(lp.tokens) == len(lp.top_logprobs) == len(lp.text_offset) == out.usage.prompt_tokens
+    gen = client.completions.create(model=MODEL, prompt="the cat", max_tokens=4, temperature=0, logprobs=2, echo=True)
+    glp = gen.choices[0].logprobs
+    # an end-of-turn token is listed (it was generated and scored) though not counted as a completion token
+    assert len(glp.tokens) - gen.usage.prompt_tokens in (gen.usage.completion_tokens, gen.usage.completion_tokens + 1)
+    for chosen, top in zip(glp.token_logprobs[1:], glp.top_logprobs[1:]):
+        assert chosen <= max(top.values()) + 1e-6
+    streamed = client.completions.create(model=MODEL, prompt="the cat", max_tokens=4, temperature=0, logprobs=2,
+                                         stream=True)
+    tokens = [t for chunk in streamed for c in chunk.choices if c.logprobs for t in c.logprobs.tokens]
+    assert tokens == glp.tokens[gen.usage.prompt_tokens:]
+
+
+def test_out_of_range_completion_logprobs_get_an_openai_shaped_400(server):
+    for body, param in [({"prompt": "hi", "logprobs": 21}, "logprobs"), ({"prompt": "hi", "max_tokens": 0}, None)]:
+        r = httpx.post(server["base"] + "/v1/completions", json={"model": MODEL, **body}, timeout=30)
+        err = _assert_openai_error(r, 400)
+        assert err["code"] == "invalid_value" and (param is None or err["param"] == param), err
+
+
+# ---- lm-evaluation-harness against this server (docs/evaluation.md) -----------------------------
+
+ARC_LM_EVAL_DOCS = 8  # ARC-Easy questions scored both ways (4 choices each: 32 log-likelihood requests)
+
+
+def _arc_docs(tokenizer, limit: int, context_len: int) -> tuple[list[int], list[dict]]:
+    """The first ``limit`` builtin ARC-Easy eval questions that fit the context, as lm-eval docs.
+
+    How the two evaluators align: ours (nanochat.eval.chat_eval.categorical_batch) renders the
+    conversation for completion and takes the argmax of the logits at the last prompt position over
+    the option letters. The lm-eval doc's context is exactly that rendering as text (special tokens
+    written out; lm-eval's Hugging Face tokenizer, our `export hf`, turns them back into the same ids),
+    its choices are the letters with an empty target delimiter, so each choice is one token whose
+    summed log-likelihood is that letter's log-softmax at the same position: lm-eval's `acc` argmax
+    picks the same letter (log_softmax is monotone in the logits).
+    """
+    from nanochat.eval.chat_eval import load_task
+
+    task = load_task("ARC-Easy", "builtin")
+    indices, docs = [], []
+    for i in range(len(task)):
+        conv = task[i]
+        ids = tokenizer.render_for_completion(conv)
+        if len(ids) + 2 > context_len:
+            continue
+        letters = conv["letters"]
+        indices.append(i)
+        docs.append({"context": tokenizer.decode(ids), "choices": letters,
+                     "gold": letters.index(conv["messages"][-1]["content"])})
+        if len(docs) == limit:
+            break
+    return indices, docs
+
+
+@pytest.mark.slow
+def test_lm_eval_local_completions_accuracy_equals_our_letter_accuracy(server, tmp_path):
+    lm_eval = pytest.importorskip("lm_eval")
+    from lm_eval.tasks import TaskManager
+
+    from nanochat.checkpoint import load_checkpoint
+    from nanochat.eval.chat_eval import accuracy, categorical_shard
+    from nanochat.interop.hf_export import export_hf
+
+    ckpt = load_checkpoint(server["checkpoint"])
+    indices, docs = _arc_docs(ckpt.tokenizer, ARC_LM_EVAL_DOCS, ckpt.config.sequence_len)
+    assert len(docs) == ARC_LM_EVAL_DOCS
+    ours = categorical_shard(ckpt.model, ckpt.tokenizer, {"task": "ARC-Easy", "source": "builtin", "batch_size": 8},
+                             indices)
+    hf_dir = export_hf(server["checkpoint"], tmp_path / "hf")
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "arc.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
+    (tasks / "nanochat_arc_easy_letters.yaml").write_text(LM_EVAL_TASK_YAML.format(data=tasks / "arc.jsonl"))
+    results = lm_eval.simple_evaluate(
+        model="local-completions",
+        model_args={"model": MODEL, "base_url": server["base"] + "/v1/completions", "tokenizer_backend": "huggingface",
+                    "tokenizer": str(hf_dir), "tokenized_requests": True, "num_concurrent": 1, "max_retries": 1},
+        tasks=["nanochat_arc_easy_letters"], task_manager=TaskManager(include_path=str(tasks)), log_samples=True,
+    )
+    samples = sorted(results["samples"]["nanochat_arc_easy_letters"], key=lambda s: s["doc_id"])
+    # the same choice question by question (lm-eval's argmax of the choices' log-likelihoods = our letter)
+    picked = [max(range(len(s["filtered_resps"])), key=lambda c: s["filtered_resps"][c][0]) for s in samples]
+    assert [d["choices"][p] for d, p in zip(docs, picked)] == [r["pred"] for r in ours]
+    assert [bool(s["acc"]) for s in samples] == [r["correct"] for r in ours]
+    print(f"lm-eval acc {results['results']['nanochat_arc_easy_letters']['acc,none']:.4f}, ours {accuracy(ours):.4f}")
+    assert results["results"]["nanochat_arc_easy_letters"]["acc,none"] == pytest.approx(accuracy(ours))
+
+
+LM_EVAL_TASK_YAML = """\
+task: nanochat_arc_easy_letters
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: context
+doc_to_choice: choices
+doc_to_target: gold
+target_delimiter: ""
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+"""

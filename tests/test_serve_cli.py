@@ -65,3 +65,31 @@ def test_nanochat_serve_without_a_checkpoint_says_how_to_make_one(tmp_path):
                           capture_output=True, text=True, timeout=180)
     assert proc.returncode == 2
     assert "no checkpoint found" in proc.stderr and "nanochat" in proc.stderr
+
+
+def test_a_preset_that_still_sets_serve_host_or_port_loads_with_a_warning_naming_the_fix():
+    from nanochat.config import load_preset
+
+    with pytest.warns(FutureWarning, match=r"serve.host/serve.port are ignored.*nanochat serve --host/--port"):
+        preset = load_preset("tiny", ["serve.host=0.0.0.0", "serve.port=8001"])
+    assert preset.serve == load_preset("tiny").serve and "port" not in preset.serve.model_dump()
+
+
+def test_serve_compile_defaults_to_auto_and_takes_true_or_false():
+    from nanochat.config import ConfigError, load_preset
+
+    assert load_preset("tiny").serve.compile == "auto"  # replicas compile on GPUs only
+    assert load_preset("tiny", ["serve.compile=false"]).serve.compile is False
+    assert load_preset("tiny", ["serve.compile=true"]).serve.compile is True
+    with pytest.raises(ConfigError, match="serve.compile"):
+        load_preset("tiny", ["serve.compile=sometimes"])
+
+
+def test_the_serve_app_looks_up_checkpoint_names_in_the_artifacts_root_of_its_args(tmp_path, base_dir,
+                                                                                  tiny_tokenizer, tiny_model_factory):
+    from nanochat.serve.build import build_app_with
+
+    other = tmp_path / "other_root"
+    path = build_tiny_checkpoint(other, tiny_tokenizer, tiny_model_factory)
+    app = build_app_with({"checkpoint": "sft", "base_dir": str(other)})  # $NANOCHAT_BASE_DIR has none
+    assert app._bound_deployment.init_args[0]["checkpoint"] == str(path.resolve())

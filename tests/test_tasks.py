@@ -7,7 +7,7 @@ from _helpers_conversations import FakeHub, build_hub_tree
 
 from nanochat.common import NanochatError
 from nanochat.config import load_preset
-from nanochat.data import registry
+from nanochat.sources import registry
 from nanochat.tasks import ListTask, TaskMixture, TaskSequence, chat_eval_task, stage_tasks
 from nanochat.tasks.arc import ARC
 from nanochat.tasks.base import extract_hash_answer
@@ -248,7 +248,7 @@ def test_hub_mixture_builds_with_identity_jsonl(fake_hub):
 
 
 def test_hub_missing_file_error_names_the_url(fake_hub):
-    from nanochat.tasks.hub import HubDownloadError, read_parquet_split
+    from nanochat.sources.hub import HubDownloadError, read_parquet_split
 
     with pytest.raises(HubDownloadError, match="api/datasets/nope/x/parquet"):
         read_parquet_split("nope/x", "default", "train")

@@ -130,9 +130,12 @@ def test_midtrain_then_sft_on_the_shared_loop_lower_their_losses(tokenizer_on_di
     assert mid.tag == "d2" and mid.checkpoint.endswith("mid/d2/step_000008")
     evals = [r["val/loss"] for r in read_jsonl(mid.metrics_path) if "val/loss" in r]
     assert evals[-1] < evals[0]
+    from nanochat.eval.chat_eval import letter_accuracy
+
     sft = train_stage("sft", "tiny", overrides=_chat_overrides("sft", 16) + ["sft.report_every=1",
                                                                            "sft.init_lr_frac=0.5",
-                                                                           "sft.chat_eval_problems=8"])
+                                                                           "sft.chat_eval_problems=8"],
+                      chat_evaluator=letter_accuracy)
     masked = [r["train/raw_loss"] for r in read_jsonl(sft.metrics_path) if r["step"] > 0 and "train/raw_loss" in r]
     # The masked (assistant-only) training loss goes down over the passes (batches differ step to step).
     assert sum(masked[-4:]) < sum(masked[:4]), masked

@@ -31,3 +31,12 @@ def test_ray_job_submit_runs_the_tiny_pretrain(base_dir, tiny_tokenizer, tmp_pat
         assert job.returncode == 0, job.stdout[-4000:] + job.stderr[-2000:]
         assert "pretrain done: 4 steps" in job.stdout
         assert (base_dir / "checkpoints/base/job/step_000004/model.safetensors").exists()
+        # The head's dashboard shows the job and, through Train's state actor, its training run.
+        import httpx
+        from ray._private.authentication.http_token_authentication import get_auth_headers_if_auth_enabled
+
+        headers = get_auth_headers_if_auth_enabled({})
+        jobs = httpx.get(f"{address}/api/jobs/", headers=headers, timeout=30).json()
+        assert any(j["entrypoint"].startswith("python ray_jobs/pretrain.py") for j in jobs), jobs
+        runs = httpx.get(f"{address}/api/train/v2/runs/v1", headers=headers, timeout=30).json()["train_runs"]
+        assert [r["status"] for r in runs if r["name"] == "base-job"] == ["FINISHED"], runs

@@ -83,7 +83,6 @@ class ChatSession:
             special("<|assistant_start|>"),
             special("<|assistant_end|>"),
         )
-        self.terminal = {self.assistant_end, tokenizer.get_bos_token_id()}
         self.tools = ToolView(tokenizer)
         self.clear()
 
@@ -142,7 +141,7 @@ class ChatSession:
                 event = events[0]
                 if event.finish_reason == "error":  # the engine could not continue this answer
                     raise NanochatError(f"generation failed: {event.error}")
-                if not (event.finished and event.finish_reason == "stop" and event.token_id in self.terminal):
+                if not event.ends_turn:
                     generated.append(event.token_id)
                 self.tools.push(event.token_id, event.text)
                 if event.finished:

@@ -11,8 +11,7 @@ import argparse
 import json
 from pathlib import Path
 
-# Same as nanochat.checkpoint.STAGES; repeated so `nanochat --help` does not import torch.
-STAGES = ("base", "mid", "sft")
+from nanochat.stages import CHECKPOINT_STAGES as STAGES  # torch-free: `nanochat --help` stays fast
 
 
 def _list(args: argparse.Namespace) -> int:
@@ -86,3 +85,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--stage", choices=STAGES, default="base", help="stage recorded in meta.json (default base)"
     )
     imp.set_defaults(func=_import)
+
+    from nanochat.commands.export import add_import_hf_parser  # issue 13: the Hugging Face format
+
+    add_import_hf_parser(csub)

@@ -22,6 +22,16 @@ def add_preset_args(parser: argparse.ArgumentParser, default: str = "tiny") -> N
     )
 
 
+def add_console_args(parser: argparse.ArgumentParser) -> None:
+    """``-v`` and ``--no-dashboard``, for every command that starts Ray (see :mod:`nanochat.progress`)."""
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="print everything, Ray's own log lines included (default: stage lines, progress bars, "
+                             "warnings; Ray's lines go to its session log directory; also NANOCHAT_VERBOSE=1)")
+    parser.add_argument("--no-dashboard", action="store_true",
+                        help="do not start the Ray dashboard of the local Ray (saves ~1 GB on small machines; "
+                             "also NANOCHAT_DASHBOARD=0)")
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("config", help="show a preset's full configuration")
     csub = p.add_subparsers(dest="config_command", metavar="ACTION", required=True)

@@ -7,7 +7,7 @@ import json
 
 from nanochat.commands.config import add_preset_args
 from nanochat.config import load_preset
-from nanochat.data.pretrain_data import SOURCES, data_dir, list_shards, prepare, read_manifest
+from nanochat.sources.pretrain import SOURCES, data_dir, list_shards, prepare, read_manifest
 
 
 def register(sub: argparse._SubParsersAction) -> None:

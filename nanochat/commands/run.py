@@ -4,26 +4,14 @@ from __future__ import annotations
 
 import argparse
 import os
+from pathlib import Path
 
-from nanochat.commands.config import add_preset_args
+from nanochat.commands.config import add_console_args, add_preset_args
 from nanochat.common import base_dir
 
 
-def add_run_args(parser: argparse.ArgumentParser) -> None:
-    """Options shared by ``nanochat run`` and ``ray_jobs/pipeline.py``."""
-    from nanochat.pipeline import STAGE_NAMES
-
-    add_preset_args(parser)
-    parser.add_argument("--from-stage", choices=STAGE_NAMES, help="rerun this stage and every later one")
-    parser.add_argument("--stop-after", choices=STAGE_NAMES, help="stop after this stage")
-    parser.add_argument("--force", action="store_true", help="rerun every stage, ignoring completion records")
-    parser.add_argument(
-        "--prompt", default="Who are you?", help="the sample question asked of the final model (default: %(default)s)"
-    )
-
-
 def register(sub: argparse._SubParsersAction) -> None:
-    from nanochat.pipeline import STAGES
+    from nanochat.pipeline import STAGE_NAMES, STAGES
 
     stages = "\n".join(f"  {s.name:<10} {s.description}" for s in STAGES)
     p = sub.add_parser(
@@ -35,7 +23,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    add_run_args(p)
+    add_preset_args(p)
+    p.add_argument("--from-stage", choices=STAGE_NAMES, help="rerun this stage and every later one")
+    p.add_argument("--stop-after", choices=STAGE_NAMES, help="stop after this stage")
+    p.add_argument("--force", action="store_true", help="rerun every stage, ignoring completion records")
+    p.add_argument(
+        "--prompt", default="Who are you?", help="the sample question asked of the final model (default: %(default)s)"
+    )
+    add_console_args(p)
     p.set_defaults(func=run_main, uses_ray=True)
 
 
@@ -45,14 +40,14 @@ def run_main(args: argparse.Namespace) -> int:
     from nanochat.ray_utils import init_ray
 
     preset = load_preset(args.preset, args.overrides)  # invalid configs fail before anything starts
-    init_ray(preset.ray.num_cpus)
-    run_pipeline(preset, from_stage=args.from_stage, force=args.force, stop_after=args.stop_after)
-    _print_summary(args.prompt, finished=args.stop_after in (None, "report"))
+    root = base_dir()  # the artifacts root, resolved once for the whole run
+    init_ray(preset.ray.num_cpus, base=root)
+    run_pipeline(preset, from_stage=args.from_stage, force=args.force, stop_after=args.stop_after, base=root)
+    _print_summary(args.prompt, root, finished=args.stop_after in (None, "report"))
     return 0
 
 
-def _print_summary(prompt: str, finished: bool) -> None:
-    root = base_dir()
+def _print_summary(prompt: str, root: Path, finished: bool) -> None:
     print(f"\nartifacts:   {root}")
     print(f"checkpoints: {root / 'checkpoints'}")
     report = root / "report" / "report.md"
@@ -63,7 +58,7 @@ def _print_summary(prompt: str, finished: bool) -> None:
     from nanochat.checkpoint import resolve_checkpoint
     from nanochat.commands.chat import answer_once
 
-    checkpoint = resolve_checkpoint(None)
+    checkpoint = resolve_checkpoint(None, base=root)
     print(f"\n> {prompt}")
     answer_once(checkpoint, prompt, temperature=0.0, max_tokens=64)
     print(f"\nchat with it: nanochat chat --checkpoint {checkpoint}")

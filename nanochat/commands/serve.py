@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from nanochat.commands.config import add_console_args
 from nanochat.common import NanochatError, get_logger
 from nanochat.ray_utils import STOP_TIMEOUT_S
 
@@ -40,11 +41,46 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--preset", help="preset supplying the `serve` section (default: tiny, or the config's)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a serve setting, e.g. --set max_batch_size=8 (repeatable)")
+    p.add_argument("--replicas", type=parse_replicas, metavar="MIN:MAX",
+                   help="engine replicas: N (fixed) or MIN:MAX (autoscaled on ongoing requests; MIN 0 = scale to "
+                        "zero). Default: 1:2 on a CPU machine, 1:<GPUs> on a GPU one, the preset's with RAY_ADDRESS "
+                        "or --config. Above 1, requests are routed by prefix affinity (--set router=power_of_two: "
+                        "Serve's default)")
     p.add_argument("--host", help="bind address (default 127.0.0.1)")
     p.add_argument("--port", type=int, help="HTTP port (default 8000)")
     p.add_argument("--api-key", help="require this Bearer token (default: $NANOCHAT_API_KEY; none = open)")
     p.add_argument("--blocking", action="store_true", help="with RAY_ADDRESS: stay in the foreground")
+    add_console_args(p)
     p.set_defaults(func=_serve, uses_ray=True)
+
+
+def parse_replicas(text: str) -> tuple[int, int]:
+    """``"N"`` → ``(N, N)``; ``"MIN:MAX"`` → ``(MIN, MAX)`` with 0 <= MIN <= MAX and MAX >= 1."""
+    lo, sep, hi = text.partition(":")
+    try:
+        low, high = int(lo), int(hi if sep else lo)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: use N or MIN:MAX, e.g. 2 or 1:4") from None
+    if low < 0 or high < max(low, 1):
+        raise argparse.ArgumentTypeError(f"{text!r}: need 0 <= MIN <= MAX and MAX >= 1")
+    return low, high
+
+
+def _default_replicas() -> tuple[int, int]:
+    """1:2 on a CPU machine (room to scale under load), 1:<GPUs> with GPUs (one GPU per replica)."""
+    import torch
+
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return (1, gpus) if gpus else (1, 2)
+
+
+def _deployment_entry(app_cfg: dict[str, Any], name: str, first: bool = False) -> dict[str, Any]:
+    """The config's ``deployments:`` entry called ``name`` (or the first unnamed/only one if ``first``)."""
+    entries = app_cfg.get("deployments") or []
+    for entry in entries:
+        if entry.get("name") == name:
+            return dict(entry)
+    return dict(entries[0]) if first and len(entries) == 1 and not entries[0].get("name") else {}
 
 
 def _load_config(path: str | None) -> dict[str, Any]:
@@ -79,15 +115,24 @@ def _serve(args: argparse.Namespace) -> int:
         build_args["checkpoint"] = args.checkpoint
     if args.preset:
         build_args["preset"] = args.preset
-    if args.overrides:
-        build_args["overrides"] = list(build_args.get("overrides") or []) + args.overrides
+    replicas = args.replicas or (None if args.config or os.environ.get("RAY_ADDRESS") else _default_replicas())
+    extra = [f"min_replicas={replicas[0]}", f"max_replicas={replicas[1]}"] if replicas else []
+    if args.overrides or extra:
+        build_args["overrides"] = list(build_args.get("overrides") or []) + extra + args.overrides
     api_key = args.api_key or os.environ.get("NANOCHAT_API_KEY")
     if api_key:
         build_args["api_key"] = api_key
     http = dict(config.get("http_options") or {})
     http["host"] = args.host or http.get("host", "127.0.0.1")
     http["port"] = args.port or http.get("port", 8000)
-    deployment = dict((app_cfg.get("deployments") or [{}])[0])
+    from nanochat.serve.build import DEPLOYMENT, INGRESS
+
+    deployment = _deployment_entry(app_cfg, DEPLOYMENT, first=True)
+    if replicas:  # the flag wins over the config's replica bounds
+        deployment["autoscaling_config"] = {**(deployment.get("autoscaling_config") or {}),
+                                            "min_replicas": replicas[0], "initial_replicas": max(replicas[0], 1),
+                                            "max_replicas": replicas[1]}
+        deployment.pop("num_replicas", None)
     deployment.setdefault("graceful_shutdown_timeout_s", DRAIN_S)
     deployment.setdefault("graceful_shutdown_wait_loop_s", 0.5)  # notice a drained replica quickly
 
@@ -95,7 +140,8 @@ def _serve(args: argparse.Namespace) -> int:
     if not on_cluster:
         resolve_checkpoint(build_args.get("checkpoint"))  # fail fast, before starting Ray
     init_ray()
-    application = build_app_with(build_args, deployment)  # resolves the checkpoint: fails fast if none
+    # resolves the checkpoint: fails fast if none
+    application = build_app_with(build_args, deployment, _deployment_entry(app_cfg, INGRESS))
     name, prefix = app_cfg.get("name", "nanochat"), app_cfg.get("route_prefix", "/")
     if not on_cluster or args.blocking:
         # On stop (also during start-up: the app may already answer), deleting the app first drains

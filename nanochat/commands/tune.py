@@ -4,15 +4,23 @@ from __future__ import annotations
 
 import argparse
 
-from nanochat.commands.config import add_preset_args
+from nanochat.commands.config import add_console_args, add_preset_args
 
 
-def add_tune_args(parser: argparse.ArgumentParser) -> None:
-    """Options shared by ``nanochat tune`` and ``ray_jobs/tune.py``."""
+def register(sub: argparse._SubParsersAction) -> None:
     from nanochat.tune import DEFAULT_SPACE
 
-    add_preset_args(parser)
-    parser.add_argument(
+    p = sub.add_parser(
+        "tune",
+        help="sweep pretraining hyperparameters with Ray Tune + ASHA (early stopping on val bpb)",
+        description=(
+            "Sweep pretraining hyperparameters. Every trial trains through the same Ray Train + DeepSpeed "
+            "loop as `nanochat train pretrain`; ASHA stops poor trials early on validation bpb. Writes "
+            "results.csv, val_bpb.png and best_preset.yaml (usable as --preset PATH)."
+        ),
+    )
+    add_preset_args(p)
+    p.add_argument(
         "--space",
         action="append",
         default=[],
@@ -23,35 +31,23 @@ def add_tune_args(parser: argparse.ArgumentParser) -> None:
             f"Default: {' '.join(DEFAULT_SPACE)}"
         ),
     )
-    parser.add_argument("--num-samples", type=int, default=4, help="trials to run (default: %(default)s)")
-    parser.add_argument(
+    p.add_argument("--num-samples", type=int, default=4, help="trials to run (default: %(default)s)")
+    p.add_argument(
         "--searcher",
         choices=["random", "optuna", "hyperopt"],
         default="random",
         help="search algorithm (optuna/hyperopt must be installed; default: %(default)s)",
     )
-    parser.add_argument(
+    p.add_argument(
         "--grace-period", type=int, default=1, help="evaluations before ASHA may stop a trial"
     )
-    parser.add_argument(
+    p.add_argument(
         "--max-concurrent", type=int, default=None, help="cap on trials at once (default: what fits)"
     )
-    parser.add_argument(
+    p.add_argument(
         "--name", default="sweep", help="sweep name; outputs go to $NANOCHAT_BASE_DIR/tune/NAME"
     )
-
-
-def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "tune",
-        help="sweep pretraining hyperparameters with Ray Tune + ASHA (early stopping on val bpb)",
-        description=(
-            "Sweep pretraining hyperparameters. Every trial trains through the same Ray Train + DeepSpeed "
-            "loop as `nanochat train pretrain`; ASHA stops poor trials early on validation bpb. Writes "
-            "results.csv, val_bpb.png and best_preset.yaml (usable as --preset PATH)."
-        ),
-    )
-    add_tune_args(p)
+    add_console_args(p)
     p.set_defaults(func=tune_main, uses_ray=True)
 
 

@@ -18,14 +18,15 @@ the same preset and tokenizer always give the same rows in the same order.
 
 from __future__ import annotations
 
-import bisect
 import json
+from os import PathLike
 from typing import Any, Literal
 
 import numpy as np
 
 from nanochat.common import get_logger
 from nanochat.config import Preset
+from nanochat.data.packing import pack_best_fit_padded
 from nanochat.tasks.base import Task
 from nanochat.tasks.mixtures import stage_tasks
 from nanochat.tokenizer import Tokenizer
@@ -54,35 +55,11 @@ def sft_row(tokenizer: Tokenizer, conversation: Any, seq_len: int) -> tuple[np.n
     return inputs, targets
 
 
-def pack_best_fit(docs: list[list[int]], row_len: int, pad_id: int) -> list[tuple[list[int], int]]:
-    """Pack token lists into rows of ``row_len`` best-fit; returns ``(row, n_real_tokens)`` pairs.
-
-    Each row repeatedly takes the longest remaining doc that fits the space left (ties: earliest
-    doc), then is padded with ``pad_id``. Docs longer than ``row_len`` must be truncated first.
-    """
-    order = sorted(range(len(docs)), key=lambda i: (len(docs[i]), -i))
-    lengths = [len(docs[i]) for i in order]
-    if lengths and lengths[-1] > row_len:
-        raise ValueError(f"a document of {lengths[-1]} tokens does not fit a row of {row_len}")
-    rows = []
-    while order:
-        row: list[int] = []
-        while order:
-            k = bisect.bisect_right(lengths, row_len - len(row)) - 1
-            if k < 0:
-                break
-            row.extend(docs[order.pop(k)])
-            lengths.pop(k)
-        n = len(row)
-        rows.append((row + [pad_id] * (row_len - n), n))
-    return rows
-
-
 def mid_rows(tokenizer: Tokenizer, conversations: list[Any], seq_len: int) -> tuple[np.ndarray, np.ndarray]:
     """Packed mid-training rows for a block of conversations: ``(inputs [N,T], targets [N,T])``."""
     docs = [tokenizer.render_conversation(c, max_tokens=seq_len + 1)[0] for c in conversations]
     bos = tokenizer.get_bos_token_id()
-    packed = pack_best_fit(docs, seq_len + 1, bos)
+    packed = pack_best_fit_padded(docs, seq_len + 1, bos)
     inputs = np.zeros((len(packed), seq_len), dtype=np.int32)
     targets = np.full((len(packed), seq_len), -1, dtype=np.int64)
     for r, (row, n) in enumerate(packed):
@@ -126,20 +103,22 @@ def task_dataset(task: Task, tokenizer: Tokenizer, seq_len: int, stage: Literal[
     )
 
 
-def build_chat_datasets(stage: Literal["mid", "sft"], preset: Preset, tokenizer: Tokenizer):
-    """``(train_ds, val_ds)`` for ``stage`` from ``preset.mixture`` at ``preset.model.sequence_len``."""
-    train_task, val_task = stage_tasks(stage, preset.mixture)
+def build_chat_datasets(stage: Literal["mid", "sft"], preset: Preset, tokenizer: Tokenizer,
+                        base: str | PathLike | None = None):
+    """``(train_ds, val_ds)`` for ``stage`` from ``preset.mixture`` at ``preset.model.sequence_len``
+    (``base``: the artifacts root caching hub downloads, default ``$NANOCHAT_BASE_DIR``)."""
+    train_task, val_task = stage_tasks(stage, preset.mixture, base)
     log.info("%s mixture: %d train / %d val conversations (%s)", stage, len(train_task), len(val_task),
              ", ".join(f"{t.name}={len(t)}" for t in train_task.tasks))
     seq_len = preset.model.sequence_len
     return task_dataset(train_task, tokenizer, seq_len, stage), task_dataset(val_task, tokenizer, seq_len, stage)
 
 
-def build_midtrain_datasets(preset: Preset, tokenizer: Tokenizer):
+def build_midtrain_datasets(preset: Preset, tokenizer: Tokenizer, base: str | PathLike | None = None):
     """Mid-training ``(train_ds, val_ds)``: packed rows, every token supervised (see module doc)."""
-    return build_chat_datasets("mid", preset, tokenizer)
+    return build_chat_datasets("mid", preset, tokenizer, base)
 
 
-def build_sft_datasets(preset: Preset, tokenizer: Tokenizer):
+def build_sft_datasets(preset: Preset, tokenizer: Tokenizer, base: str | PathLike | None = None):
     """SFT ``(train_ds, val_ds)``: one padded conversation per row, targets masked (see module doc)."""
-    return build_chat_datasets("sft", preset, tokenizer)
+    return build_chat_datasets("sft", preset, tokenizer, base)

@@ -38,7 +38,6 @@ rows than one pass gives, build with ``num_epochs=N`` (one stream over N passes)
 
 from __future__ import annotations
 
-import bisect
 import contextlib
 import os
 import random
@@ -49,7 +48,8 @@ from pathlib import Path
 
 import numpy as np
 
-from nanochat.common import NanochatError, get_logger
+from nanochat.common import NanochatError, base_dir, get_logger
+from nanochat.data.packing import pack_best_fit_cropped, pack_stream
 
 log = get_logger(__name__)
 
@@ -62,52 +62,7 @@ DATA_CPUS = 0.25  # per read task / actor: Train workers hold whole CPUs (ray-on
 ENDLESS_PATHS = 2000
 
 
-# ---- packing (pure numpy, unit-tested without Ray) ----------------------------------------------
-
-
-def pack_bestfit(docs: Sequence[Sequence[int]], row_len: int) -> np.ndarray:
-    """nanochat's BOS-aligned best-fit packing of ``docs`` into rows of exactly ``row_len`` tokens.
-
-    Each row is filled by repeatedly taking the longest remaining document that fits whole; when
-    none fits, the shortest remaining one is cropped to fill the row (its tail is discarded).
-    Every row therefore begins with a document start. A last row that cannot be filled is dropped.
-    """
-    order = sorted(range(len(docs)), key=lambda i: (len(docs[i]), i))
-    lengths = [len(docs[i]) for i in order]
-    rows: list[np.ndarray] = []
-    while order:
-        row = np.empty(row_len, dtype=np.int64)
-        filled = 0
-        while filled < row_len and order:
-            room = row_len - filled
-            k = bisect.bisect_right(lengths, room) - 1
-            if k < 0:
-                k = 0  # nothing fits whole: crop the shortest
-            doc = docs[order.pop(k)]
-            lengths.pop(k)
-            take = min(len(doc), room)
-            row[filled : filled + take] = doc[:take]
-            filled += take
-        if filled == row_len:
-            rows.append(row)
-    return np.stack(rows) if rows else np.empty((0, row_len), dtype=np.int64)
-
-
-def pack_stream(docs: Sequence[Sequence[int]], row_len: int) -> np.ndarray:
-    """nanochat's original packing: concatenate documents, cut windows of ``row_len`` tokens.
-
-    Windows overlap by one token (stride ``row_len - 1``) so every token is a target once; rows
-    may start mid-document. The incomplete tail is dropped.
-    """
-    if not docs:
-        return np.empty((0, row_len), dtype=np.int64)
-    flat = np.concatenate([np.asarray(d, dtype=np.int64) for d in docs])
-    stride = row_len - 1
-    n = (len(flat) - 1) // stride
-    if n <= 0:
-        return np.empty((0, row_len), dtype=np.int64)
-    idx = np.arange(n)[:, None] * stride + np.arange(row_len)[None, :]
-    return flat[idx]
+# ---- the training-row contract (pure numpy) -------------------------------------------------------
 
 
 def rows_to_batch(rows: np.ndarray) -> dict[str, np.ndarray]:
@@ -134,7 +89,7 @@ class TokenizeAndPack:
         self.tokenizer = Tokenizer.load(tokenizer_dir)
         self.bos = self.tokenizer.get_bos_token_id()
         self.row_len = row_len
-        self.pack = {"bestfit": pack_bestfit, "stream": pack_stream}[packing]
+        self.pack = {"bestfit": pack_best_fit_cropped, "stream": pack_stream}[packing]
         self.num_threads = num_threads
         self.trace_dir = trace_dir
 
@@ -264,6 +219,7 @@ def build_pretrain_datasets(
     pack_buffer: int = 256,
     num_actors: int | None = None,
     trace_dir: str | None = None,
+    base: str | os.PathLike | None = None,
 ):
     """``(train_ds, val_ds)`` of packed rows ``{"inputs": int32[T], "targets": int64[T]}``.
 
@@ -271,10 +227,11 @@ def build_pretrain_datasets(
     stream (-1: practically endless). ``skip_rows``: rows of the train stream to drop first (resume).
     ``val_rows``: cap on val rows (default: ``pretrain.eval_tokens / T``, rounded up).
     ``trace_dir``: the train tokenizer writes one marker file per batch there (progress probe). Builtin
-    shards are prepared on demand; the tokenizer must exist (``nanochat tok train``).
+    shards are prepared on demand; the tokenizer must exist (``nanochat tok train``). ``base``: the
+    artifacts root holding the shards and the default tokenizer (default ``$NANOCHAT_BASE_DIR``).
     """
     from nanochat.config import load_preset
-    from nanochat.data.pretrain_data import ensure_prepared, list_shards
+    from nanochat.sources.pretrain import ensure_prepared, list_shards
     from nanochat.tokenizer import Tokenizer, default_tokenizer_dir
 
     if isinstance(preset, str):
@@ -284,13 +241,14 @@ def build_pretrain_datasets(
     if skip_rows < 0:
         raise NanochatError(f"skip_rows must be >= 0, got {skip_rows}")
     data = preset.data
-    tokenizer_dir = Path(tokenizer_dir or default_tokenizer_dir()).resolve()
+    base = base_dir(base)
+    tokenizer_dir = Path(tokenizer_dir or default_tokenizer_dir(base)).resolve()
     tokenizer = Tokenizer.load(tokenizer_dir)  # fail here, on the driver, with the fix in the message
     if tokenizer.vocab_size != preset.tokenizer.vocab_size:
         log.warning("tokenizer in %s has %d ids, preset says %d", tokenizer_dir, tokenizer.vocab_size,
                     preset.tokenizer.vocab_size)
-    ensure_prepared(data.source, data.num_shards)
-    train_files, val_files = list_shards(data.source, "train"), list_shards(data.source, "val")
+    ensure_prepared(data.source, data.num_shards, base)
+    train_files, val_files = list_shards(data.source, "train", base), list_shards(data.source, "val", base)
     if data.num_shards > 0:
         train_files = train_files[: data.num_shards]
     T = preset.model.sequence_len

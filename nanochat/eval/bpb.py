@@ -1,23 +1,26 @@
 """Bits per byte of a model on the validation shard (tokenizer-independent loss).
 
 bpb = summed target nats / (ln 2 x summed target UTF-8 bytes), special-token targets excluded;
-the arithmetic lives in ``nanochat.train.metrics`` (shared with training's val/bpb). Here: read the
+the arithmetic lives in :mod:`nanochat.losses` (shared with training's val/bpb). Here: read the
 val shard, tokenize documents with BOS prepended, cut the token stream into ``seq_len + 1`` windows
 and sum over up to ``max_tokens`` targets.
 """
 
 from __future__ import annotations
 
+from os import PathLike
+
 import pyarrow.parquet as pq
 import torch
 
-from nanochat.train.metrics import bits_per_byte, loss_nats_and_bytes
+from nanochat.losses import bits_per_byte, loss_nats_and_bytes
 
 
-def val_texts(source: str = "builtin") -> list[str]:
-    from nanochat.data.pretrain_data import list_shards
+def val_texts(source: str = "builtin", base: str | PathLike | None = None) -> list[str]:
+    """Every document of ``source``'s val shard under ``<base>/data`` (default ``$NANOCHAT_BASE_DIR``)."""
+    from nanochat.sources.pretrain import list_shards
 
-    return [t for path in list_shards(source, "val") for t in pq.read_table(path, columns=["text"])["text"].to_pylist()]
+    return [t for path in list_shards(source, "val", base) for t in pq.read_table(path, columns=["text"])["text"].to_pylist()]
 
 
 @torch.no_grad()

@@ -6,10 +6,13 @@ Rows are right-padded with BOS in batches aligned to global example indices, so 
 never changes a batch. Generative: the engine samples ``num_samples`` completions per problem
 (temperature 0 = greedy; seeds derived from the example index); a problem passes if any does.
 Task data and answer checks come from ``nanochat.tasks``; HumanEval programs run in the sandbox.
+``source="hub"`` tasks read their downloads from ``<base>/task_data`` (``base``, the artifacts root, is
+passed in: in a shard's payload for the eval actors; default ``$NANOCHAT_BASE_DIR``).
 """
 
 from __future__ import annotations
 
+from os import PathLike
 from typing import Any
 
 import torch
@@ -30,10 +33,10 @@ class ChatEvalError(NanochatError):
     pass
 
 
-def load_task(name: str, source: str = "builtin"):
+def load_task(name: str, source: str = "builtin", base: str | PathLike | None = None):
     from nanochat.tasks import chat_eval_task
 
-    task = chat_eval_task(name, source)
+    task = chat_eval_task(name, source, base)
     if name.lower() == "humaneval" and getattr(task, "runner", "absent") is None:
         task.runner = run_in_sandbox
     return task
@@ -77,8 +80,8 @@ def categorical_batch(model, tokenizer, conversations: list[dict], device="cpu")
 
 
 def categorical_shard(model, tokenizer, payload: dict[str, Any], indices: list[int], device="cpu") -> list[dict]:
-    """Fan-out shard function; ``payload = {"task": name, "source": ..., "batch_size": B}``."""
-    task = load_task(payload["task"], payload.get("source", "builtin"))
+    """Fan-out shard function; ``payload = {"task": name, "source": ..., "base": ..., "batch_size": B}``."""
+    task = load_task(payload["task"], payload.get("source", "builtin"), payload.get("base"))
     batch_size = int(payload.get("batch_size", 8))
     records = []
     # group by global batch number so the same examples share a forward pass for any sharding
@@ -98,10 +101,10 @@ def categorical_shard(model, tokenizer, payload: dict[str, Any], indices: list[i
 
 
 def generative_shard(model, tokenizer, payload: dict[str, Any], indices: list[int], device="cpu") -> list[dict]:
-    """Fan-out shard function; ``payload`` holds the task name and generation settings."""
+    """Fan-out shard function; ``payload`` holds the task name, its source and base, and generation settings."""
     from nanochat.engine import Engine, SamplingParams
 
-    task = load_task(payload["task"], payload.get("source", "builtin"))
+    task = load_task(payload["task"], payload.get("source", "builtin"), payload.get("base"))
     settings = {**DEFAULT_GENERATION, **{k: v for k, v in payload.items() if k in DEFAULT_GENERATION}}
     engine = Engine(model, tokenizer, max_batch_size=max(1, int(settings["num_samples"])))
     records = []
@@ -132,6 +135,22 @@ def shard_function(task_name: str) -> str:
 
 def accuracy(records: list[dict]) -> float:
     return sum(r["correct"] for r in records) / len(records) if records else float("nan")
+
+
+def letter_accuracy(model, tokenizer, device, problems: int, source: str = "builtin",
+                    base: str | PathLike | None = None) -> dict[str, float]:
+    """MMLU and ARC-Easy letter accuracy on their first ``problems`` eval questions (batches of 8).
+
+    SFT's in-loop progress check (``sft.chat_eval_problems``): the driver passes this function to
+    ``train_stage(chat_evaluator=...)``, so training never imports the eval package. Returns
+    ``{"mmlu_acc", "arc-easy_acc"}`` in [0, 1]; the caller sets eval mode, no_grad and autocast.
+    """
+    out = {}
+    for name in ("MMLU", "ARC-Easy"):
+        payload = {"task": name, "source": source, "base": base, "batch_size": 8}
+        out[f"{name.lower()}_acc"] = accuracy(categorical_shard(model, tokenizer, payload, list(range(problems)),
+                                                                device=device))
+    return out
 
 
 def chatcore(accuracies: dict[str, float]) -> float | None:

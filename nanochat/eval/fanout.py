@@ -79,9 +79,10 @@ class EvalWorker:
 
 
 def _progress(total: int, desc: str):
-    from tqdm import tqdm
+    """A bar per task on a terminal; elsewhere a plain line at every quarter and at the end."""
+    from nanochat.progress import Bar
 
-    return tqdm(total=total, desc=desc, unit="ex", leave=False, dynamic_ncols=True, disable=total == 0)
+    return Bar(total, desc, unit="ex", plain_every=max(1, -(-total // 4)))
 
 
 def run_fanout(

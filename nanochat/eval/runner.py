@@ -2,6 +2,8 @@
 
 Shared by ``nanochat eval base|chat`` and ``ray_jobs/eval.py``. Outputs: ``results.json`` (per-task
 accuracy/centered, CORE or ChatCORE, settings) and ``<task>.jsonl`` with one record per example.
+``base`` (the artifacts root: eval data, shards, task downloads, outputs) is resolved once by each
+entry function (default ``$NANOCHAT_BASE_DIR``) and handed down, to the eval actors in their payload.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from os import PathLike
 from pathlib import Path
 from typing import Any
 
@@ -20,10 +23,11 @@ from nanochat.eval.fanout import run_fanout
 log = get_logger(__name__)
 
 
-def output_dir(checkpoint: str | Path) -> Path:
+def output_dir(checkpoint: str | Path, base: str | PathLike | None = None) -> Path:
+    """``<base>/eval/<stage>/<tag>`` of a checkpoint."""
     meta = read_meta(checkpoint)
     tag = checkpoint_tag(checkpoint, meta)
-    return base_dir() / "eval" / meta.get("stage", "base") / tag
+    return base_dir(base) / "eval" / meta.get("stage", "base") / tag
 
 
 def _write_jsonl(path: Path, records: list[dict]) -> None:
@@ -42,15 +46,16 @@ def _select(available: list[str], wanted: list[str] | None, what: str) -> list[s
 def run_base_eval(checkpoint: str | Path, tasks: list[str] | None = None, max_per_task: int = -1,
                   num_actors: int = 1, data: str = "auto", out_dir: Path | None = None,
                   fail_once_path: str | None = None, bpb_source: str | None = None,
-                  bpb_tokens: int = 65536) -> dict[str, Any]:
+                  bpb_tokens: int = 65536, base: str | PathLike | None = None) -> dict[str, Any]:
     """CORE on ``checkpoint``; tasks absent from the data are reported missing, CORE labelled partial.
 
     With ``bpb_source`` (a pretraining data source) also bits per byte on its train and val shards."""
-    bundle = core_data.resolve_bundle(data)
+    base = base_dir(base)
+    bundle = core_data.resolve_bundle(data, base)
     specs = {t.label: t for t in core.load_bundle_tasks(bundle)}
     names = [n for n in core.CORE_TASK_NAMES if n in specs] + [n for n in specs if n not in core.CORE_TASK_NAMES]
     chosen = _select(names, tasks, "CORE")
-    out_dir = Path(out_dir) if out_dir else output_dir(checkpoint)
+    out_dir = Path(out_dir) if out_dir else output_dir(checkpoint, base)
     results: dict[str, dict[str, Any]] = {}
     started = time.time()
     for name in chosen:
@@ -72,26 +77,27 @@ def run_base_eval(checkpoint: str | Path, tasks: list[str] | None = None, max_pe
     out = {"kind": "base", "checkpoint": str(checkpoint), "data": str(bundle), "max_per_task": max_per_task,
            "num_actors": num_actors, "tasks": results, "core": summary, "seconds": time.time() - started}
     if bpb_source:
-        out["bpb"] = split_bpb(checkpoint, bpb_source, bpb_tokens)
+        out["bpb"] = split_bpb(checkpoint, bpb_source, bpb_tokens, base)
         out["seconds"] = time.time() - started
     atomic_write_text(out_dir / "results.json", json.dumps(out, indent=2))
     return out
 
 
-def split_bpb(checkpoint: str | Path, source: str, max_tokens: int = 65536) -> dict[str, float]:
+def split_bpb(checkpoint: str | Path, source: str, max_tokens: int = 65536,
+              base: str | PathLike | None = None) -> dict[str, float]:
     """``{"train": bpb, "val": bpb}`` of a checkpoint on the first shard of each split."""
     import pyarrow.parquet as pq
 
     from nanochat.checkpoint import load_checkpoint
     from nanochat.common import autodetect_device
-    from nanochat.data.pretrain_data import list_shards
     from nanochat.eval.bpb import evaluate_bpb
+    from nanochat.sources.pretrain import list_shards
 
     device = str(autodetect_device())
     ckpt = load_checkpoint(checkpoint, device=device)
     out = {}
     for split in ("train", "val"):
-        texts = pq.read_table(list_shards(source, split)[0], columns=["text"])["text"].to_pylist()
+        texts = pq.read_table(list_shards(source, split, base)[0], columns=["text"])["text"].to_pylist()
         out[split] = evaluate_bpb(ckpt.model, ckpt.tokenizer, texts, max_tokens, device=device)["bpb"]
         log.info("%s bpb: %.4f", split, out[split])
     return out
@@ -100,18 +106,19 @@ def split_bpb(checkpoint: str | Path, source: str, max_tokens: int = 65536) -> d
 def run_chat_eval(checkpoint: str | Path, tasks: list[str] | None = None, max_problems: int = -1,
                   num_samples: int = 1, temperature: float = 0.0, top_k: int | None = 50,
                   max_new_tokens: int = 512, batch_size: int = 8, num_actors: int = 1, source: str = "builtin",
-                  out_dir: Path | None = None) -> dict[str, Any]:
+                  out_dir: Path | None = None, base: str | PathLike | None = None) -> dict[str, Any]:
     """ARC-Easy/Challenge, MMLU (categorical), GSM8K, HumanEval (generative) and ChatCORE."""
+    base = base_dir(base)
     chosen = _select(list(chat_eval.CATEGORICAL_TASKS + chat_eval.GENERATIVE_TASKS) + ["SpellingBee"],
                      tasks, "chat") if tasks else list(chat_eval.CATEGORICAL_TASKS + chat_eval.GENERATIVE_TASKS)
-    out_dir = Path(out_dir) if out_dir else output_dir(checkpoint)
+    out_dir = Path(out_dir) if out_dir else output_dir(checkpoint, base)
     results: dict[str, dict[str, Any]] = {}
     started = time.time()
     for name in chosen:
-        n = len(chat_eval.load_task(name, source))
+        n = len(chat_eval.load_task(name, source, base))
         n = min(n, max_problems) if max_problems > 0 else n
         fn = chat_eval.shard_function(name)
-        payload = {"task": name, "source": source, "batch_size": batch_size, "num_samples": num_samples,
+        payload = {"task": name, "source": source, "base": str(base), "batch_size": batch_size, "num_samples": num_samples,
                    "temperature": temperature, "top_k": top_k, "max_new_tokens": max_new_tokens}
         align = batch_size if fn.endswith("categorical_shard") else 1
         records = run_fanout(checkpoint, fn, payload, list(range(n)), num_actors=num_actors, align=align, desc=name)

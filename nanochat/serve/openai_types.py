@@ -21,6 +21,7 @@ from nanochat.serve.messages import ROLES, Message
 
 MAX_N = 8  # choices per request; each choice is one sequence slot in the batch
 MAX_STOP = 4  # OpenAI's limit on stop sequences
+MAX_LOGPROBS = 20  # top alternatives per token: OpenAI's top_logprobs limit (its completions API stops at 5; vLLM at 20)
 
 # Fields of the OpenAI API we accept in the schema but do not implement: sending a non-default
 # value is a 400 naming the field (a silent ignore would return something the client did not ask for).
@@ -28,8 +29,6 @@ UNSUPPORTED_DEFAULTS: dict[str, Any] = {
     "frequency_penalty": 0,
     "presence_penalty": 0,
     "logit_bias": None,
-    "logprobs": None,
-    "top_logprobs": None,
     "tools": None,
     "tool_choice": None,
     "functions": None,
@@ -37,7 +36,6 @@ UNSUPPORTED_DEFAULTS: dict[str, Any] = {
     "parallel_tool_calls": None,
     "response_format": None,
     "best_of": None,
-    "echo": None,
     "suffix": None,
     "audio": None,
     "modalities": None,
@@ -66,6 +64,10 @@ class APIError(Exception):
         self.param = param
         self.code = code
         self.headers = headers  # e.g. Retry-After on a 429
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Picklable with all its fields: a model replica raises it through a Serve handle (prefix routing)."""
+        return type(self), (self.status, self.message, self.type, self.param, self.code, self.headers)
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
@@ -121,9 +123,7 @@ class SamplingFields(_Request):
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     logit_bias: dict[str, float] | None = None
-    logprobs: Any = None
     best_of: int | None = None
-    echo: bool | None = None
     suffix: str | None = None
 
     @field_validator("stop")
@@ -152,7 +152,8 @@ class SamplingFields(_Request):
 class ChatCompletionRequest(SamplingFields):
     messages: list[Message] = Field(..., min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
-    top_logprobs: int | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     tools: list[Any] | None = None
     tool_choice: Any = None
     functions: list[Any] | None = None
@@ -175,11 +176,31 @@ class ChatCompletionRequest(SamplingFields):
             self.max_tokens = self.max_completion_tokens
         if self.response_format == {"type": "text"}:
             self.response_format = None  # the default; anything else is unsupported
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs requires logprobs: true")
         return self
+
+    @property
+    def top_k_logprobs(self) -> int | None:
+        """Alternatives per token the engine must return, or None when no logprobs were asked for."""
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 class CompletionRequest(SamplingFields):
     prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = Field(None, ge=0)  # 0 only with echo: score the prompt (lm-evaluation-harness)
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    echo: bool = False
+
+    @model_validator(mode="after")
+    def _check_echo(self) -> CompletionRequest:
+        if self.max_tokens == 0 and not self.echo:
+            raise ValueError("max_tokens: 0 is only allowed with echo: true (to score the prompt)")
+        return self
+
+    @property
+    def top_k_logprobs(self) -> int | None:
+        return self.logprobs
 
     @field_validator("prompt")
     @classmethod
@@ -228,10 +249,37 @@ class ResponseMessage(BaseModel):
     refusal: None = None
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class ChatTokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob] = Field(default_factory=list)
+
+
+class ChatLogprobs(BaseModel):
+    """``choices[].logprobs`` of a chat completion (or of one chunk: the tokens it carries)."""
+
+    content: list[ChatTokenLogprob] | None = None
+    refusal: None = None
+
+
+class CompletionLogprobs(BaseModel):
+    """``choices[].logprobs`` of a text completion (legacy shape): parallel lists, one entry per token;
+    ``text_offset`` is each token's character offset in the choice's text (echoed prompt included)."""
+
+    tokens: list[str] = Field(default_factory=list)
+    token_logprobs: list[float | None] = Field(default_factory=list)
+    top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
+    text_offset: list[int] = Field(default_factory=list)
+
+
 class ChatChoice(BaseModel):
     index: int
     message: ResponseMessage
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: Literal["stop", "length"]
 
 
@@ -254,7 +302,7 @@ class Delta(_OpenAIObject):
 class ChunkChoice(BaseModel):
     index: int
     delta: Delta
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: Literal["stop", "length"] | None = None
 
 
@@ -272,7 +320,7 @@ class ChatCompletionChunk(BaseModel):
 class CompletionChoice(BaseModel):
     index: int
     text: str
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
     finish_reason: Literal["stop", "length"] | None = None
 
 

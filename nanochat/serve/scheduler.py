@@ -7,8 +7,10 @@ queued prompts (so new requests join the running batch between steps without sta
 ``step`` on a single worker thread (the event loop keeps serving HTTP while the model computes),
 hands new requests and cancellations to the engine between steps, and routes each step's events
 to per-request asyncio queues. Every engine call happens on that one thread, so the engine needs
-no locking. Admission is bounded: past ``max_waiting`` queued requests :meth:`submit` raises
-:class:`QueueFull` (the API turns it into a 429).
+no locking. This is the one admission layer (the engine itself queues without bound): past
+``max_waiting`` queued requests :meth:`submit` raises :class:`QueueFull` (the API turns it into a
+429); a request the engine can never serve (``EngineError`` from ``engine.add``) arrives in its
+queue as that exception (a 400).
 
 Failures stay with their owner. A sequence the engine could not continue arrives as a normal
 event with ``finish_reason="error"`` (and ``error``) in its own request's queue only. Should
@@ -229,7 +231,7 @@ class Scheduler:
                 continue
             try:
                 seq_id = self.engine.add(request.prompts[g], request.params[g])
-            except Exception as err:  # e.g. the engine's own limits; only this request fails
+            except Exception as err:  # the engine refused it (EngineError); only this request fails
                 self._drop(request)
                 out.append((request, err))
                 continue

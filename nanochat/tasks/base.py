@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from nanochat.common import NanochatError
 
-Conversation = dict[str, Any]
+ConversationDict = dict[str, Any]  # {"messages": [...], <task fields>}: the chat rules of nanochat.conversation
 EvalType = Literal["categorical", "generative"]
 
 GSM_ANSWER = re.compile(r"#### (\-?[0-9\.\,]+)")
@@ -38,7 +38,7 @@ class Task:
     def num_examples(self) -> int:
         raise NotImplementedError
 
-    def get_example(self, index: int) -> Conversation:
+    def get_example(self, index: int) -> ConversationDict:
         raise NotImplementedError
 
     def __len__(self) -> int:
@@ -46,7 +46,7 @@ class Task:
         span = stop - self.start
         return max(0, -(-span // self.step))
 
-    def __getitem__(self, index: int) -> Conversation:
+    def __getitem__(self, index: int) -> ConversationDict:
         n = len(self)
         if index < 0:
             index += n
@@ -57,7 +57,7 @@ class Task:
     def __iter__(self):
         return (self[i] for i in range(len(self)))
 
-    def evaluate(self, conversation: Conversation, completion: str) -> bool:
+    def evaluate(self, conversation: ConversationDict, completion: str) -> bool:
         """Whether ``completion`` answers the conversation's last user turn correctly."""
         raise NotImplementedError(f"{self.name} has no evaluation")
 
@@ -74,7 +74,7 @@ class TaskMixture(Task):
     def num_examples(self) -> int:
         return len(self.index)
 
-    def get_example(self, index: int) -> Conversation:
+    def get_example(self, index: int) -> ConversationDict:
         t, i = self.index[index]
         return self.tasks[t][i]
 
@@ -99,7 +99,7 @@ class TaskSequence(Task):
     def num_examples(self) -> int:
         return self.total
 
-    def get_example(self, index: int) -> Conversation:
+    def get_example(self, index: int) -> ConversationDict:
         for task, offset in zip(reversed(self.tasks), reversed(self.offsets)):
             if index >= offset:
                 return task[index - offset]
@@ -121,10 +121,10 @@ class ListTask(Task):
     def num_examples(self) -> int:
         return len(self.rows)
 
-    def get_example(self, index: int) -> Conversation:
+    def get_example(self, index: int) -> ConversationDict:
         return self.to_conversation(self.rows[index])
 
-    def to_conversation(self, row: Any) -> Conversation:
+    def to_conversation(self, row: Any) -> ConversationDict:
         return row
 
 
@@ -134,7 +134,7 @@ def extract_hash_answer(text: str) -> str | None:
     return match.group(1).strip().replace(",", "") if match else None
 
 
-def last_text(conversation: Conversation) -> str:
+def last_text(conversation: ConversationDict) -> str:
     """Text of the final assistant message (concatenated text parts for a parts list)."""
     content = conversation["messages"][-1]["content"]
     if isinstance(content, str):

@@ -7,40 +7,31 @@ identity task). Split: entry ``i`` (in file order) is ``test`` when ``i % 10 == 
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from nanochat.common import NanochatError
-from nanochat.data import registry
-from nanochat.tasks.base import Conversation, Task
+from nanochat.sources import registry
+from nanochat.tasks.base import ConversationDict, ListTask
 
 EXCLUDED = ("botprofile",)
 
 
-class ChatterbotCorpus(Task):
+class ChatterbotCorpus(ListTask):
     eval_type = "generative"
 
     def __init__(self, split: Literal["train", "test", "all"] = "train", **view: int | None):
-        super().__init__(**view)
         if split not in ("train", "test", "all"):
             raise NanochatError(f"ChatterbotCorpus split must be train, test or all, got {split!r}")
-        self.split = split
         rows = [r for r in registry.read_chatterbot(exclude=EXCLUDED) if len(r["turns"]) >= 2]
         if split != "all":
             rows = [r for i, r in enumerate(rows) if (i % 10 == 9) == (split == "test")]
-        self.rows = rows
+        super().__init__(rows, f"Chatterbot:{split}", **view)
+        self.split = split
 
-    @property
-    def name(self) -> str:
-        return f"Chatterbot:{self.split}"
-
-    def num_examples(self) -> int:
-        return len(self.rows)
-
-    def get_example(self, index: int) -> Conversation:
-        turns = self.rows[index]["turns"]
-        turns = turns[: len(turns) // 2 * 2]
+    def to_conversation(self, row: dict[str, Any]) -> ConversationDict:
+        turns = row["turns"][: len(row["turns"]) // 2 * 2]
         roles = ("user", "assistant")
         return {
             "messages": [{"role": roles[i % 2], "content": t.strip() or "..."} for i, t in enumerate(turns)],
-            "category": self.rows[index]["category"],
+            "category": row["category"],
         }

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from nanochat.tasks.base import Conversation, Task
+from nanochat.tasks.base import ConversationDict, ListTask
 
 LETTERS = "ABCDEFGHIJ"
 
@@ -21,7 +21,7 @@ def render_multiple_choice(question: str, choices: list[str]) -> str:
     return "".join(lines)
 
 
-def multiple_choice_conversation(question: str, choices: list[str], answer: int, **fields: Any) -> Conversation:
+def multiple_choice_conversation(question: str, choices: list[str], answer: int, **fields: Any) -> ConversationDict:
     """A one-turn conversation asking ``question`` with lettered ``choices``; gold = ``answer``."""
     if not 0 <= answer < len(choices) <= len(LETTERS):
         raise ValueError(f"answer index {answer} out of range for {len(choices)} choices")
@@ -36,10 +36,10 @@ def multiple_choice_conversation(question: str, choices: list[str], answer: int,
     }
 
 
-class MultipleChoiceTask(Task):
-    """Categorical: the completion (the argmax letter) must equal the gold letter."""
+class MultipleChoiceTask(ListTask):
+    """Rows of lettered questions. Categorical: the completion (the argmax letter) must equal the gold letter."""
 
     eval_type = "categorical"
 
-    def evaluate(self, conversation: Conversation, completion: str) -> bool:
+    def evaluate(self, conversation: ConversationDict, completion: str) -> bool:
         return completion.strip() == conversation["messages"][-1]["content"]

@@ -12,12 +12,12 @@ test[:819], ``test`` = test[819:] (the last 500 problems); never shuffled, so al
 from __future__ import annotations
 
 import re
+from os import PathLike
 from typing import Any, Literal
 
 from nanochat.common import NanochatError
-from nanochat.data import registry
-from nanochat.tasks import hub
-from nanochat.tasks.base import Conversation, Task, extract_hash_answer, last_text
+from nanochat.sources import hub, registry
+from nanochat.tasks.base import ConversationDict, ListTask, extract_hash_answer, last_text
 
 BUILTIN_TRAIN_ROWS = 819
 TOOL_CALL = re.compile(r"<<([^<>]*)>>")
@@ -40,32 +40,26 @@ def answer_parts(answer: str) -> list[dict[str, str]]:
     return parts
 
 
-def load_gsm8k_rows(split: str, source: Literal["builtin", "hub"]) -> list[dict[str, Any]]:
+def load_gsm8k_rows(split: str, source: Literal["builtin", "hub"],
+                    base: str | PathLike | None = None) -> list[dict[str, Any]]:
+    """Rows of ``split``; ``base`` is the artifacts root holding the hub cache (``source="hub"``)."""
     if split not in ("train", "test"):
         raise NanochatError(f"GSM8K split must be 'train' or 'test', got {split!r}")
     if source == "hub":
-        return hub.read_parquet_split(*hub.GSM8K, split)
+        return hub.read_parquet_split(*hub.GSM8K, split, base)
     rows = registry.read_olmo_task("gsm8k", "test")
     return rows[:BUILTIN_TRAIN_ROWS] if split == "train" else rows[BUILTIN_TRAIN_ROWS:]
 
 
-class GSM8K(Task):
+class GSM8K(ListTask):
     eval_type = "generative"
 
-    def __init__(self, split: str = "train", source: Literal["builtin", "hub"] = "builtin", **view: int | None):
-        super().__init__(**view)
+    def __init__(self, split: str = "train", source: Literal["builtin", "hub"] = "builtin", *,
+                 base: str | PathLike | None = None, **view: int | None):
+        super().__init__(load_gsm8k_rows(split, source, base), f"GSM8K:{split}", **view)
         self.split = split
-        self.rows = load_gsm8k_rows(split, source)
 
-    @property
-    def name(self) -> str:
-        return f"GSM8K:{self.split}"
-
-    def num_examples(self) -> int:
-        return len(self.rows)
-
-    def get_example(self, index: int) -> Conversation:
-        row = self.rows[index]
+    def to_conversation(self, row: dict[str, Any]) -> ConversationDict:
         return {
             "messages": [
                 {"role": "user", "content": row["question"]},
@@ -73,7 +67,7 @@ class GSM8K(Task):
             ]
         }
 
-    def evaluate(self, conversation: Conversation, completion: str) -> bool:
+    def evaluate(self, conversation: ConversationDict, completion: str) -> bool:
         reference = extract_hash_answer(last_text(conversation))
         predicted = extract_hash_answer(completion)
         return reference is not None and predicted == reference

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
+from typing import Any
 
 from nanochat.common import NanochatError
-from nanochat.data import registry
-from nanochat.tasks.base import Conversation, Task
+from nanochat.sources import registry
+from nanochat.tasks.base import ConversationDict, ListTask
 
 CODE_BLOCK = re.compile(r"```(?:python)?\n(.*?)```", re.DOTALL)
 
@@ -24,7 +25,7 @@ def extract_program(completion: str) -> str:
     return match.group(1) if match else completion
 
 
-def build_program(conversation: Conversation, completion: str) -> str:
+def build_program(conversation: ConversationDict, completion: str) -> str:
     """Imports from the prompt + code + test + ``check(entry_point)`` (reference assembly)."""
     imports = [line for line in conversation["prompt"].splitlines() if line.startswith(("import ", "from "))]
     return (
@@ -33,19 +34,14 @@ def build_program(conversation: Conversation, completion: str) -> str:
     )
 
 
-class HumanEval(Task):
+class HumanEval(ListTask):
     eval_type = "generative"
 
     def __init__(self, runner: Callable[[str], bool] | None = None, **view: int | None):
-        super().__init__(**view)
-        self.rows = registry.read_humaneval()
+        super().__init__(registry.read_humaneval(), "HumanEval", **view)
         self.runner = runner
 
-    def num_examples(self) -> int:
-        return len(self.rows)
-
-    def get_example(self, index: int) -> Conversation:
-        row = self.rows[index]
+    def to_conversation(self, row: dict[str, Any]) -> ConversationDict:
         return {
             "messages": [
                 {"role": "user", "content": row["prompt"]},
@@ -57,7 +53,7 @@ class HumanEval(Task):
             "task_id": row["task_id"],
         }
 
-    def evaluate(self, conversation: Conversation, completion: str) -> bool:
+    def evaluate(self, conversation: ConversationDict, completion: str) -> bool:
         if self.runner is None:
             raise NanochatError("HumanEval.evaluate needs a sandbox: pass HumanEval(runner=...) (see nanochat.eval)")
         return bool(self.runner(build_program(conversation, completion)))

@@ -12,8 +12,8 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-from nanochat.data.conversations import read_conversations
-from nanochat.tasks.base import Conversation, Task
+from nanochat.sources.conversations import read_conversations
+from nanochat.tasks.base import ConversationDict, ListTask, Task
 
 NAME = "nanochat on Ray"
 
@@ -108,7 +108,7 @@ class Identity(Task):
     def num_examples(self) -> int:
         return self.size
 
-    def get_example(self, index: int) -> Conversation:
+    def get_example(self, index: int) -> ConversationDict:
         rng = random.Random(self.seed + index)
         turns = rng.choice([1, 1, 2, 3])
         facts = rng.sample(FACTS, turns)
@@ -119,22 +119,11 @@ class Identity(Task):
         return {"messages": messages}
 
 
-class IdentityJSONL(Task):
+class IdentityJSONL(ListTask):
     """Conversations from an identity JSONL file (validated, with line numbers on errors)."""
 
     eval_type = "generative"
 
     def __init__(self, path: str | Path, **view: int | None):
-        super().__init__(**view)
+        super().__init__(read_conversations(Path(path)), f"IdentityJSONL:{Path(path).name}", **view)
         self.path = Path(path)
-        self.rows = read_conversations(self.path)
-
-    @property
-    def name(self) -> str:
-        return f"IdentityJSONL:{self.path.name}"
-
-    def num_examples(self) -> int:
-        return len(self.rows)
-
-    def get_example(self, index: int) -> Conversation:
-        return self.rows[index]

@@ -6,32 +6,25 @@ break the chat rules are skipped at load time (and counted in ``self.skipped``).
 
 from __future__ import annotations
 
-from nanochat.data.conversations import ConversationFormatError, check_conversation
-from nanochat.tasks import hub
-from nanochat.tasks.base import Conversation, Task
+from os import PathLike
+
+from nanochat.sources import hub
+from nanochat.sources.conversations import ConversationFormatError, check_conversation
+from nanochat.tasks.base import ConversationDict, ListTask
 
 
-class SmolTalk(Task):
+class SmolTalk(ListTask):
     eval_type = "generative"
 
-    def __init__(self, split: str = "train", **view: int | None):
-        super().__init__(**view)
-        self.split = split
-        self.rows: list[Conversation] = []
+    def __init__(self, split: str = "train", *, base: str | PathLike | None = None, **view: int | None):
+        """``base``: the artifacts root holding the hub cache (default ``$NANOCHAT_BASE_DIR``)."""
+        rows: list[ConversationDict] = []
         self.skipped = 0
-        for row in hub.read_parquet_split(*hub.SMOLTALK, split):
+        for row in hub.read_parquet_split(*hub.SMOLTALK, split, base):
             messages = [{"role": m["role"], "content": m["content"]} for m in row["messages"]]
             try:
-                self.rows.append(check_conversation({"messages": messages}))
+                rows.append(check_conversation({"messages": messages}))
             except ConversationFormatError:
                 self.skipped += 1
-
-    @property
-    def name(self) -> str:
-        return f"SmolTalk:{self.split}"
-
-    def num_examples(self) -> int:
-        return len(self.rows)
-
-    def get_example(self, index: int) -> Conversation:
-        return self.rows[index]
+        super().__init__(rows, f"SmolTalk:{split}", **view)
+        self.split = split

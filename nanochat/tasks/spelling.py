@@ -17,8 +17,8 @@ import re
 from typing import Literal
 
 from nanochat.common import NanochatError
-from nanochat.data import registry
-from nanochat.tasks.base import Conversation, Task, extract_hash_answer, last_text
+from nanochat.sources import registry
+from nanochat.tasks.base import ConversationDict, Task, extract_hash_answer, last_text
 
 SPLIT_SEED = {"train": 0, "test": 1 << 30}
 ALPHABET = "abcdefghijklmnopqrstuvwxyz"
@@ -66,7 +66,7 @@ class _SeededTask(Task):
 
 
 class SimpleSpelling(_SeededTask):
-    def get_example(self, index: int) -> Conversation:
+    def get_example(self, index: int) -> ConversationDict:
         word = self.rng(index).choice(self.words)
         return {
             "messages": [
@@ -75,12 +75,12 @@ class SimpleSpelling(_SeededTask):
             ]
         }
 
-    def evaluate(self, conversation: Conversation, completion: str) -> bool:
+    def evaluate(self, conversation: ConversationDict, completion: str) -> bool:
         return completion.strip() == last_text(conversation)
 
 
 class SpellingBee(_SeededTask):
-    def get_example(self, index: int) -> Conversation:
+    def get_example(self, index: int) -> ConversationDict:
         rng = self.rng(index)
         word = rng.choice(self.words)
         letter = rng.choice(word) if rng.random() < 0.7 else rng.choice(ALPHABET)
@@ -110,6 +110,6 @@ class SpellingBee(_SeededTask):
             "letter": letter,
         }
 
-    def evaluate(self, conversation: Conversation, completion: str) -> bool:
+    def evaluate(self, conversation: ConversationDict, completion: str) -> bool:
         reference = extract_hash_answer(last_text(conversation))
         return reference is not None and extract_hash_answer(completion) == reference

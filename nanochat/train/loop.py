@@ -5,9 +5,10 @@ offload) on the process group Ray Train already set up (gloo on CPU, NCCL on GPU
 shard of the ``train`` dataset, and steps the optimizer every ``grad_accum`` micro-batches. The
 stage is configuration only: the data, the starting weights and the LR shape differ, the loop
 does not. What it reports (``ray.train.report``, a barrier every worker calls equally often):
-metrics every ``report_every`` steps, at evals and at checkpoints; checkpoints carry our model
-format (``model/``), DeepSpeed's optimizer/ZeRO shards (``deepspeed/``) and ``train_state.json``
-(step, rows consumed, smoothed loss) so a restart resumes at the same step and data position.
+metrics every ``report_every`` steps, at evals and at checkpoints; checkpoints carry the model, the
+DeepSpeed state and the :class:`~nanochat.train.checkpointing.TrainState` (layout:
+:mod:`nanochat.train.checkpointing`), so a restart resumes at the same step and data position.
+Everything the driver decides arrives as one :class:`~nanochat.train.worker_config.WorkerConfig`.
 
 bf16 is autocast over fp32 master weights (as nanochat does), so every optimizer and ZeRO stage
 sees ordinary fp32 parameters; DeepSpeed's own bf16 mode is not used. With ``compile`` on, the
@@ -17,7 +18,6 @@ evaluation and sampling run the same module eagerly.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import shutil
@@ -31,25 +31,29 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from nanochat.checkpoint import step_name
 from nanochat.common import get_logger
 from nanochat.config import TrainSettings
+from nanochat.losses import bits_per_byte, loss_nats_and_bytes
+from nanochat.train.checkpointing import (
+    TrainState,
+    data_position,
+    full_model_state,
+    load_engine_state,
+    model_dir,
+    read_train_state,
+    save_engine_state,
+    write_train_state,
+)
 from nanochat.train.compile import compile_stats, compile_training, eager, eager_seconds, resolve_compile
 from nanochat.train.killpoints import kill_after_copy, kill_if_due
-from nanochat.train.metrics import (
-    EMA,
-    Throughput,
-    bits_per_byte,
-    loss_nats_and_bytes,
-    measure_matmul_flops,
-    peak_flops,
-    peak_rss_mb,
-)
-from nanochat.train.optim import build_optimizer, remember_initial_lrs, set_lr
+from nanochat.train.metrics import EMA, Throughput, measure_matmul_flops, peak_flops, peak_rss_mb
+from nanochat.train.optim import attach_zero, build_optimizer, optimizer_metrics, remember_initial_lrs, set_lr
 from nanochat.train.schedule import grad_accum_steps, is_due, lr_multiplier, muon_momentum
+from nanochat.train.worker_config import ChatEvaluator, WorkerConfig
 
 log = get_logger(__name__)
 
-DS_TAG = "state"
 SAMPLE_PROMPTS = [
     "The capital of France is",
     "The chemical symbol of gold is",
@@ -202,67 +206,28 @@ def greedy_samples(model: torch.nn.Module, tokenizer, prompts: list[str], device
     return out
 
 
-def _sft_categorical(model, tokenizer, device, autocast, problems: int, source: str) -> dict[str, float]:
-    """MMLU and ARC-Easy letter accuracy on the first ``problems`` eval questions (SFT progress check)."""
-    from nanochat.eval.chat_eval import accuracy, categorical_shard
-
+def chat_accuracy(evaluate: ChatEvaluator, model, tokenizer, device, autocast, problems: int,
+                  source: str, base: str) -> dict[str, float]:
+    """SFT's progress check: ``evaluate`` (e.g. MMLU/ARC-Easy letter accuracy) as ``val/<name>`` metrics."""
     was_training = model.training
     model.eval()
-    out = {}
     with torch.no_grad(), autocast():
-        for name in ("MMLU", "ARC-Easy"):
-            payload = {"task": name, "source": source, "batch_size": 8}
-            records = categorical_shard(model, tokenizer, payload, list(range(problems)), device=device)
-            out[f"val/{name.lower()}_acc"] = accuracy(records)
+        out = evaluate(model, tokenizer, device, problems, source, base)
     model.train(was_training)
-    return out
+    return {f"val/{name}": value for name, value in out.items()}
 
 
-def _model_state(engine, zero_stage: int, rank: int) -> dict[str, torch.Tensor] | None:
-    """Full fp32 weights on rank 0 (ZeRO-3 gathers each parameter collectively first)."""
-    module = engine.module
-    if zero_stage == 3:
-        import deepspeed
-
-        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
-            return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()} if rank == 0 else None
-    return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()} if rank == 0 else None
-
-
-def data_position(loop_state: dict[str, Any], dataset_skip_rows: int, world: int) -> tuple[int, int, int]:
-    """Where a resumed worker's data starts: ``(epoch, rows to read and drop, rows the shard starts past)``.
-
-    ``loop_state``: the checkpoint's train_state.json ({} for a fresh run); ``dataset_skip_rows``: global
-    rows the driver's dataset already starts past (a pretraining stream rebuilt at the checkpoint's
-    position, taken from the same recorded checkpoint). Per worker, rows consumed in the checkpoint's
-    epoch: pretraining never leaves epoch 0, where that is every row consumed (``rows_in_epoch`` of older
-    checkpoints counted from where the rebuilt stream began).
-
-    Raises:
-        RuntimeError: the dataset starts past the checkpoint (the two came from different checkpoints).
-    """
-    epoch = int(loop_state.get("epoch", 0))
-    position = int(loop_state.get("rows_consumed_per_worker" if epoch == 0 else "rows_in_epoch", 0))
-    first_row = dataset_skip_rows // world
-    if first_row > position:
-        raise RuntimeError(
-            f"the dataset starts {first_row - position} rows per worker past the checkpoint of step "
-            f"{loop_state.get('step', 0)}: the data position and the weights came from different checkpoints; "
-            "rerun (or start over with --restart)"
-        )
-    return epoch, position - first_row, first_row
-
-
-def train_loop_per_worker(cfg: dict[str, Any]) -> None:
-    """Ray Train entry point; ``cfg`` is built by :func:`nanochat.train.trainer.loop_config`."""
-    os.environ["NANOCHAT_BASE_DIR"] = cfg["base_dir"]
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train entry point; ``config`` is a :class:`WorkerConfig`'s ``to_loop_config()`` (built by the driver)."""
+    cfg = WorkerConfig.from_loop_config(config)
     import deepspeed
     import ray.train
     import ray.train.torch
     from deepspeed.utils import logger as ds_logger
 
     from nanochat.checkpoint import load_checkpoint, save_checkpoint
-    from nanochat.model import GPTConfig, build_model
+    from nanochat.common import resolved_dtype
+    from nanochat.model import build_model
     from nanochat.tokenizer import Tokenizer
 
     ds_logger.setLevel("WARNING")
@@ -271,28 +236,23 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     DataContext.get_current().enable_progress_bars = False  # the driver prints one line per report
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    if cfg.get("debug_pid_dir"):
-        Path(cfg["debug_pid_dir"]).mkdir(parents=True, exist_ok=True)
-        (Path(cfg["debug_pid_dir"]) / f"rank_{rank}.pid").write_text(str(os.getpid()))
+    if cfg.debug_pid_dir:
+        Path(cfg.debug_pid_dir).mkdir(parents=True, exist_ok=True)
+        (Path(cfg.debug_pid_dir) / f"rank_{rank}.pid").write_text(str(os.getpid()))
     device = ray.train.torch.get_device()
     if device.type == "cpu":
-        torch.set_num_threads(max(1, int(cfg.get("threads_per_worker") or 1)))
-    settings = TrainSettings(**cfg["settings"])
-    from nanochat.common import resolved_dtype
-
-    dtype = resolved_dtype(cfg["dtype"], device)
-    stage, num_iterations = cfg["stage"], int(cfg["num_iterations"])
-    tokenizer = Tokenizer.load(cfg["tokenizer_dir"])
-    model_config = GPTConfig(**cfg["model_config"])
+        torch.set_num_threads(max(1, cfg.threads_per_worker))
+    settings, stage, num_iterations, seq_len = cfg.settings, cfg.stage, cfg.num_iterations, cfg.sequence_len
+    dtype = resolved_dtype(cfg.dtype, device)
+    tokenizer = Tokenizer.load(cfg.tokenizer_dir)
 
     torch.manual_seed(settings.seed)
-    model = build_model(model_config, device=device)
-    if cfg.get("init_checkpoint"):
-        src = load_checkpoint(cfg["init_checkpoint"], device="cpu")
+    model = build_model(cfg.gpt, device=device)
+    if cfg.init_checkpoint:
+        src = load_checkpoint(cfg.init_checkpoint, device="cpu")
         model.load_state_dict(src.model.state_dict())
         del src
     num_params, flops_per_token = model.num_params(), model.estimate_flops()
-    seq_len = int(cfg["sequence_len"])
     accum = grad_accum_steps(settings.total_batch_size, settings.device_batch_size, seq_len, world)
     client_opt, ds_opt = build_optimizer(model, settings, dtype)
     engine, optimizer, _, _ = deepspeed.initialize(
@@ -302,61 +262,58 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
         config=deepspeed_config(settings, accum, ds_opt),
     )
     remember_initial_lrs(optimizer)
+    attach_zero(optimizer)  # Muon under ZeRO 1-3: where each matrix lies in the flat partitions
     use_autocast = dtype == torch.bfloat16
 
     def autocast():
         return torch.autocast(device.type, dtype=torch.bfloat16) if use_autocast else nullcontext()
 
     # ---- resume -----------------------------------------------------------------------------
-    start_step, loop_state = 0, {}
+    resumed = TrainState()
     resume = ray.train.get_checkpoint()
     if resume is not None:
         with resume.as_directory() as d:
-            loop_state = json.loads((Path(d) / "train_state.json").read_text())
-            if loop_state.get("world_size") != world and settings.zero_stage > 0:
-                raise RuntimeError(
-                    f"checkpoint has ZeRO shards for {loop_state.get('world_size')} workers, this run has {world}: "
-                    "resume with the same ray.num_workers, or start fresh with --restart"
-                )
-            engine.load_checkpoint(str(Path(d) / "deepspeed"), tag=DS_TAG, load_module_strict=True)
-        start_step = int(loop_state["step"])
-    epoch, skip_rows, first_row = data_position(loop_state, int(cfg.get("dataset_skip_rows", 0)), world)
+            resumed = read_train_state(d)
+            load_engine_state(engine, d, resumed, world, settings.zero_stage)
+    start_step = resumed.step
+    epoch, skip_rows, first_row = data_position(resumed, cfg.dataset_skip_rows, world)
     data = TrainData(ray.train.get_dataset_shard("train"), settings.device_batch_size, device, epoch=epoch,
                      skip_rows=skip_rows, first_row=first_row)
-    data.rows_consumed = int(loop_state.get("rows_consumed_per_worker", 0))
+    data.rows_consumed = resumed.rows_consumed_per_worker
     ema = EMA(0.9)
-    if "ema" in loop_state:
-        ema.load(loop_state["ema"])
+    if resumed.ema is not None:
+        ema.load(resumed.ema)
     try:
         val_shard = ray.train.get_dataset_shard("val")
     except Exception:  # noqa: BLE001 - no val dataset given
         val_shard = None
     evaluator = Evaluator(val_shard, settings, seq_len, tokenizer.token_bytes(), rank, world) if val_shard else None
+    chat_due = stage == "sft" and settings.chat_eval_problems > 0 and cfg.chat_evaluator is not None and rank == 0
     peak, peak_source = (settings.mfu_peak_flops, "config") if settings.mfu_peak_flops else peak_flops(device, dtype)
     remeasure_peak = peak_source == "measured"
     tokens_per_step = settings.total_batch_size
-    stop_at = cfg.get("stop_at_step")
-    wall0 = time.time() - float(loop_state.get("train_seconds", 0.0))
+    stop_at = cfg.stop_at_step
+    wall0 = time.time() - resumed.train_seconds
     prompts = SAMPLE_PROMPTS if stage == "base" else []
 
-    kill_at = cfg.get("kill_at") if rank == 0 else None  # test seam, see nanochat.train.killpoints
+    kill_at = cfg.kill_at if rank == 0 else None  # test seam, see nanochat.train.killpoints
 
     def save_and_report(step: int, metrics: dict[str, Any]) -> None:
         tmp = Path(tempfile.mkdtemp(prefix=f"nanochat-ckpt-{rank}-"))
-        engine.save_checkpoint(str(tmp / "deepspeed"), tag=DS_TAG, save_latest=False)
-        state = _model_state(engine, settings.zero_stage, rank)
+        save_engine_state(engine, tmp)
+        weights = full_model_state(engine, settings.zero_stage, rank)
         if rank == 0:
-            save_checkpoint(tmp / "model" / f"step_{step:06d}", state, model_config, tokenizer, stage, step,
+            save_checkpoint(model_dir(tmp, step), weights, cfg.gpt, tokenizer, stage, step,
                             metrics={k: v for k, v in metrics.items() if isinstance(v, (int, float))},
-                            extra={"tag": cfg["tag"], "settings": cfg["settings"]}, tag=cfg["tag"])
-            loop = {"step": step, "epoch": data.epoch, "rows_in_epoch": data.rows_in_epoch,
-                    "rows_consumed_per_worker": data.rows_consumed, "rows_consumed": data.rows_consumed * world,
-                    "world_size": world, "zero_stage": settings.zero_stage, "ema": ema.state(),
-                    "train_seconds": time.time() - wall0}
-            (tmp / "train_state.json").write_text(json.dumps(loop))
+                            extra={"tag": cfg.tag, "settings": settings.model_dump(mode="json")}, tag=cfg.tag)
+            write_train_state(tmp, TrainState(
+                step=step, epoch=data.epoch, rows_in_epoch=data.rows_in_epoch,
+                rows_consumed_per_worker=data.rows_consumed, rows_consumed=data.rows_consumed * world,
+                world_size=world, zero_stage=settings.zero_stage, ema=ema.state(), train_seconds=time.time() - wall0,
+            ))
         kill_if_due(kill_at, "before_copy", step)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(tmp)),
-                         checkpoint_dir_name=f"step_{step:06d}", **kill_after_copy(kill_at, step))
+                         checkpoint_dir_name=step_name(step), **kill_after_copy(kill_at, step))
         shutil.rmtree(tmp, ignore_errors=True)
 
     # ---- torch.compile of the training step (nanochat.train.compile); evaluation stays eager ------
@@ -385,10 +342,10 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
                 metrics.update(evaluator.run(engine.module, device, autocast))
             if stage != "base":
                 metrics.pop("val/bpb", None)
-            if stage == "sft" and settings.chat_eval_problems > 0 and rank == 0:
+            if chat_due:
                 with eager():
-                    metrics.update(_sft_categorical(engine.module, tokenizer, device, autocast,
-                                                    settings.chat_eval_problems, cfg.get("task_source", "builtin")))
+                    metrics.update(chat_accuracy(cfg.chat_evaluator, engine.module, tokenizer, device, autocast,
+                                                 settings.chat_eval_problems, cfg.task_source, cfg.base_dir))
         if prompts and settings.sample_every != 0 and not resumed_here and is_due(step, settings.sample_every,
                                                                                   num_iterations):
             with eager():
@@ -416,6 +373,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
                 "rows_consumed": data.rows_consumed * world, "epoch": data.epoch, "num_params": num_params,
                 "peak_flops_source": peak_source, "train_seconds": time.time() - wall0,
                 "compile": int(compiled), **compile_stats(), "worker/peak_rss_mb": peak_rss_mb(),
+                **optimizer_metrics(optimizer, device),
             })
             if save_due:
                 save_and_report(step, metrics)

@@ -1,4 +1,4 @@
-"""Training metrics: smoothed loss, throughput, MFU, data-wait fraction, peak RSS, bits per byte, JSONL output.
+"""Training metrics: smoothed loss, throughput, MFU, data-wait fraction, peak RSS, JSONL output.
 
 MFU = achieved FLOP/s / peak FLOP/s of the worker's device. GPU peaks come from a table (dense
 bf16 / fp32 tensor-core numbers from vendor data sheets); on CPU there is no data sheet, so the
@@ -127,23 +127,6 @@ class Throughput:
         return out
 
 
-def bits_per_byte(total_nats: float, total_bytes: float) -> float:
-    """nanochat's bpb: summed target nats over (ln 2 x summed target bytes); +inf without bytes."""
-    return total_nats / (math.log(2) * total_bytes) if total_bytes > 0 else float("inf")
-
-
-def loss_nats_and_bytes(
-    per_token_loss: torch.Tensor, targets: torch.Tensor, token_bytes: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sum of nats and of bytes over targets that are real (>= 0) and not special (bytes > 0)."""
-    y = targets.reshape(-1)
-    valid = y >= 0
-    nbytes = torch.where(valid, token_bytes[y.clamp(min=0)], torch.zeros_like(y, dtype=token_bytes.dtype))
-    counted = nbytes > 0
-    nats = (per_token_loss.reshape(-1).float() * counted).sum()
-    return nats, nbytes.sum().to(torch.float64)
-
-
 class JsonlWriter:
     """Append one JSON object per line (flushed each time, so a crash loses nothing written)."""
 
@@ -169,6 +152,14 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     if not p.exists():
         return []
     return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+
+
+def read_last_metrics(path: str | Path) -> dict[str, Any]:
+    """The last value of every metric in a metrics.jsonl (later records win; ``samples`` left out)."""
+    merged: dict[str, Any] = {}
+    for record in read_jsonl(path):
+        merged.update({k: v for k, v in record.items() if k != "samples"})
+    return merged
 
 
 def format_log_line(m: dict[str, Any]) -> str:

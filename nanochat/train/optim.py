@@ -12,9 +12,12 @@ the bf16 iteration ~3x slower than fp32; on a 2-core Xeon without avx512_bf16 it
 tiny-model step). With ``compile`` on, the loop swaps in :func:`compiled_orthogonalize` (one graph per
 matrix shape; nanochat compiles the same function).
 
-Muon needs whole matrices. DeepSpeed ZeRO-1/2 hands a client optimizer flat fp32 partitions and
-ZeRO-3 shards the parameters themselves, so ``muon_adamw`` runs with ZeRO stage 0 only
-(``nanochat.config`` refuses the other combinations before any worker starts).
+Muon needs whole matrices, and runs under every ZeRO stage: at ZeRO 0 each rank orthogonalizes
+the (all-reduced) gradient of every matrix; under ZeRO 1/2/3, where DeepSpeed hands the optimizer
+flat fp32 partitions, :func:`attach_zero` (called once after ``deepspeed.initialize``) tells it
+where each matrix lies and :mod:`nanochat.train.muon_zero` regathers whole matrices for the
+Newton-Schulz step. A flat partition the optimizer was not told about is an error, never a silent
+SGD step. ``ns_counts`` counts the orthogonalizations per matrix (tests and ``optimizer_metrics``).
 """
 
 from __future__ import annotations
@@ -61,7 +64,12 @@ class MuonAdamW(torch.optim.Optimizer):
 
     A single object keeps DeepSpeed's client-optimizer contract (one optimizer, ``param_groups``,
     ``state_dict``) while holding nanochat's split recipe. ``ns_dtype``: the Newton-Schulz dtype;
-    ``compiled = True`` runs it through :func:`compiled_orthogonalize`.
+    ``compiled = True`` runs it through :func:`compiled_orthogonalize`. The matrices are numbered in
+    group order (``matrix_shapes``, ``ns_counts``) when the optimizer is built, before ZeRO
+    partitions them.
+
+    Raises:
+        ValueError: a Muon group holds a parameter that is not a 2-D matrix.
     """
 
     def __init__(self, groups: list[dict[str, Any]], ns_dtype: torch.dtype = torch.bfloat16):
@@ -69,11 +77,54 @@ class MuonAdamW(torch.optim.Optimizer):
         defaults = {"lr": 0.0, "kind": "adamw", "momentum": 0.95, "nesterov": True, "ns_steps": 5,
                     "betas": ADAMW_BETAS, "eps": ADAMW_EPS, "weight_decay": 0.0}
         super().__init__(groups, defaults)
+        self.matrix_shapes: list[tuple[int, int]] = []
+        self._matrix_ids: dict[int, int] = {}
         for group in self.param_groups:
-            if group["kind"] == "muon":
-                bad = [tuple(p.shape) for p in group["params"] if p.dim() != 2]
-                if bad:
-                    raise ValueError(f"Muon takes 2-D matrices only; got shapes {bad[:3]}")
+            if group["kind"] != "muon":
+                continue
+            # ds_shape: the layer's shape when zero.Init has already partitioned the parameter
+            shapes = [tuple(getattr(p, "ds_shape", None) or p.shape) for p in group["params"]]
+            bad = [s for s in shapes if len(s) != 2]
+            if bad:
+                raise ValueError(f"Muon takes 2-D matrices only; got shapes {bad[:3]}")
+            for p, shape in zip(group["params"], shapes):
+                self._matrix_ids[id(p)] = len(self.matrix_shapes)
+                self.matrix_shapes.append(shape)
+        self.ns_counts = [0] * len(self.matrix_shapes)
+        self._partitions: dict[int, Any] = {}  # id(flat ZeRO partition) -> muon_zero.PartitionLayout
+        self._ds_optimizer = None
+
+    def matrix_index(self, param: torch.Tensor) -> int:
+        """The number of Muon matrix ``param`` (a parameter this optimizer was built with)."""
+        try:
+            return self._matrix_ids[id(param)]
+        except KeyError:
+            raise ValueError("not one of this optimizer's Muon matrices") from None
+
+    def attach_partitions(self, ds_optimizer) -> None:
+        """Learn where the Muon matrices lie in ``ds_optimizer``'s ZeRO partitions (no-op at ZeRO 0)."""
+        from nanochat.train.muon_zero import partition_layouts
+
+        self._ds_optimizer = ds_optimizer
+        self._partitions = {id(layout.flat): layout for layout in partition_layouts(ds_optimizer, self)}
+
+    def _partition(self, p: torch.Tensor):
+        layout = self._partitions.get(id(p))
+        if (layout is None or layout.flat is not p) and self._ds_optimizer is not None:
+            self.attach_partitions(self._ds_optimizer)  # DeepSpeed rebuilt its partitions
+            layout = self._partitions.get(id(p))
+        if layout is None or layout.flat is not p:
+            raise RuntimeError(
+                f"MuonAdamW got a flat {tuple(p.shape)} tensor (a ZeRO partition) it cannot map to whole "
+                "matrices: call nanochat.train.optim.attach_zero(optimizer) after deepspeed.initialize"
+            )
+        return layout
+
+    def orthogonalized(self, index: int, u: torch.Tensor, steps: int = 5) -> torch.Tensor:
+        """Newton-Schulz of matrix ``index``'s momentum ``u`` (rows x cols), in ``ns_dtype``; counted."""
+        ns = compiled_orthogonalize() if self.compiled else orthogonalize
+        self.ns_counts[index] += 1
+        return ns(u, steps, self.ns_dtype)
 
     @torch.no_grad()
     def step(self, closure=None):  # noqa: D102 - torch's signature
@@ -89,9 +140,13 @@ class MuonAdamW(torch.optim.Optimizer):
         return loss
 
     def _muon_step(self, group: dict[str, Any]) -> None:
+        from nanochat.train.muon_zero import partition_step
+
         momentum = group["momentum"]
-        ns = compiled_orthogonalize() if self.compiled else orthogonalize
         for p in group["params"]:
+            if p.dim() != 2:  # a flat ZeRO partition of several matrices
+                partition_step(self, group, self._partition(p))
+                continue
             if p.grad is None:
                 continue
             state = self.state[p]
@@ -100,7 +155,7 @@ class MuonAdamW(torch.optim.Optimizer):
             buf = state["momentum_buffer"]
             buf.lerp_(p.grad, 1 - momentum)
             g = p.grad.lerp(buf, momentum) if group["nesterov"] else buf
-            update = ns(g, group["ns_steps"], self.ns_dtype).to(p.dtype)
+            update = self.orthogonalized(self.matrix_index(p), g, group["ns_steps"]).to(p.dtype)
             scale = max(1.0, p.size(-2) / p.size(-1)) ** 0.5
             p.add_(update, alpha=-group["lr"] * scale)
 
@@ -169,6 +224,35 @@ def build_optimizer(
     section = {"type": "AdamW", "params": {"lr": lr, "betas": [0.9, 0.95], "eps": 1e-8,
                                            "weight_decay": settings.weight_decay}}
     return None, section
+
+
+def attach_zero(optimizer) -> None:
+    """After ``deepspeed.initialize``: tell a :class:`MuonAdamW` inside ``optimizer`` (what it returned:
+    the client optimizer at ZeRO 0, DeepSpeed's ZeRO wrapper at 1-3) where its matrices lie.
+    Anything else is left alone."""
+    inner = getattr(optimizer, "optimizer", optimizer)
+    if isinstance(inner, MuonAdamW):
+        inner.attach_partitions(optimizer)
+
+
+def optimizer_metrics(optimizer, device: torch.device | str = "cpu") -> dict[str, float]:
+    """``muon/ns_min``/``muon/ns_max``: fewest/most Newton-Schulz runs of any Muon matrix so far, summed
+    over the data-parallel ranks (collective when distributed: every rank must call it; ``device``: where
+    the process group reduces); ``{}`` without Muon.
+
+    Every matrix is orthogonalized once per step at ZeRO 0 (per rank) and 3, and once or twice (cut by a
+    partition boundary) at ZeRO 1/2, so after N steps ``ns_min >= N`` (x world at ZeRO 0) shows that
+    Newton-Schulz really ran on every matrix.
+    """
+    import torch.distributed as dist
+
+    inner = getattr(optimizer, "optimizer", optimizer)
+    if not isinstance(inner, MuonAdamW) or not inner.ns_counts:
+        return {}
+    counts = torch.tensor(inner.ns_counts, dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(counts)
+    return {"muon/ns_min": counts.min().item(), "muon/ns_max": counts.max().item()}
 
 
 def remember_initial_lrs(optimizer: torch.optim.Optimizer) -> None:

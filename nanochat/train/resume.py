@@ -13,18 +13,16 @@ and the exported models all come from the same recorded checkpoint.
 from __future__ import annotations
 
 import json
-import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from nanochat.checkpoint import META_FILE, CheckpointError, copy_checkpoint, prune_checkpoints
+from nanochat.checkpoint import META_FILE, CheckpointError, copy_checkpoint, prune_checkpoints, step_of
 from nanochat.common import atomic_write_text, get_logger
+from nanochat.train.checkpointing import models_in
 
 log = get_logger(__name__)
-
-STEP_DIR = re.compile(r"step_\d+")
 
 
 @dataclass
@@ -40,12 +38,7 @@ class Recorded:
 
     @property
     def step(self) -> int:
-        return int(self.metrics["step"]) if "step" in self.metrics else int(self.name.rsplit("_", 1)[-1])
-
-    def train_state(self) -> dict[str, Any]:
-        """The loop's ``train_state.json`` (step, rows consumed, epoch, EMA, train_seconds) of this checkpoint."""
-        with self.checkpoint.filesystem.open_input_stream(f"{self.checkpoint.path}/train_state.json") as f:
-            return json.loads(f.read())
+        return int(self.metrics["step"]) if "step" in self.metrics else step_of(self.name)
 
 
 def storage_root(storage: str) -> str:
@@ -113,7 +106,7 @@ def _drop_unrecorded_folders(path: str, record: list[Recorded]) -> None:
     fs, fs_path = _fs(path)
     keep = {r.name for r in record}
     for info in fs.get_file_info(pyarrow.fs.FileSelector(fs_path, allow_not_found=True)):
-        if info.type == pyarrow.fs.FileType.Directory and STEP_DIR.fullmatch(info.base_name) and info.base_name not in keep:
+        if info.type == pyarrow.fs.FileType.Directory and step_of(info.base_name) >= 0 and info.base_name not in keep:
             log.info("deleting %s: Ray never recorded this checkpoint (the save was interrupted)", info.path)
             fs.delete_dir(info.path)
 
@@ -143,16 +136,12 @@ def export_checkpoint(checkpoint, stage_dir: Path, keep: int, overwrite: bool = 
     """
     exported = None
     with checkpoint.as_directory() as d:
-        for src in sorted((Path(d) / "model").glob("step_*")):
+        for src in models_in(d):
             exported = stage_dir / src.name
             if overwrite or not (exported / META_FILE).exists():
                 copy_checkpoint(src, exported)
     prune_checkpoints(stage_dir, keep)
     return exported
-
-
-def _step_of(path: Path) -> int:
-    return int(path.name.rsplit("_", 1)[-1])
 
 
 def agree_with_record(
@@ -170,7 +159,7 @@ def agree_with_record(
     for old in stage_dir.glob(".step_*"):  # an export interrupted mid-copy (atomic_directory's temp)
         shutil.rmtree(old, ignore_errors=True)
     for newer in stage_dir.glob("step_*"):
-        if STEP_DIR.fullmatch(newer.name) and _step_of(newer) > latest.step:
+        if step_of(newer) > latest.step:
             shutil.rmtree(newer, ignore_errors=True)
     if export:
         export_checkpoint(latest.checkpoint, stage_dir, keep, overwrite=False)

@@ -2,8 +2,10 @@
 
 Parquet files are listed through the hub's parquet API
 ``{hub}/api/datasets/<repo>/parquet/<config>/<split>`` (a JSON list of file URLs) and cached under
-``$NANOCHAT_BASE_DIR/task_data/<repo>/<config>/<split>/NNNN.parquet``; every file is written
-atomically, so an interrupted download is simply retried. ``NANOCHAT_HUB_URL`` overrides the hub
+``<base>/task_data/<repo>/<config>/<split>/NNNN.parquet`` (``base``: the artifacts root every function
+here takes, default ``$NANOCHAT_BASE_DIR``) by
+:func:`nanochat.sources.download.download` (retried, resumable, renamed into place only when
+complete), so an interrupted download is simply rerun. ``NANOCHAT_HUB_URL`` overrides the hub
 (default https://huggingface.co) and ``NANOCHAT_IDENTITY_URL`` the identity file (tests point both
 at a local HTTP server).
 """
@@ -12,20 +14,21 @@ from __future__ import annotations
 
 import json
 import os
-import time
-import urllib.error
-import urllib.request
+from os import PathLike
 from pathlib import Path
 from typing import Any
 
 import pyarrow.parquet as pq
 
-from nanochat.common import NanochatError, atomic_write_bytes, base_dir, get_logger
+from nanochat.common import atomic_write_bytes, base_dir, get_logger
+from nanochat.sources.download import DownloadError, download, fetch_bytes
 
 log = get_logger(__name__)
 
 DEFAULT_HUB = "https://huggingface.co"
 DEFAULT_IDENTITY_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/identity_conversations.jsonl"
+HINT = ("check the network or set NANOCHAT_HUB_URL / NANOCHAT_IDENTITY_URL to a mirror, "
+        "or use mixture.source=builtin for offline data")
 
 # (repo, config) of the reference datasets.
 SMOLTALK = ("HuggingFaceTB/smol-smoltalk", "default")
@@ -35,42 +38,28 @@ ARC_EASY = ("allenai/ai2_arc", "ARC-Easy")
 ARC_CHALLENGE = ("allenai/ai2_arc", "ARC-Challenge")
 
 
-class HubDownloadError(NanochatError, ConnectionError):
-    """A hub download failed after retries; the message names the URL."""
+class HubDownloadError(DownloadError):
+    """A hub download failed (at once for a 4xx, else after retries); the message names the URL and the fix."""
 
 
 def hub_url() -> str:
     return os.environ.get("NANOCHAT_HUB_URL", DEFAULT_HUB).rstrip("/")
 
 
-def task_data_dir() -> Path:
-    return base_dir() / "task_data"
+def task_data_dir(base: str | PathLike | None = None) -> Path:
+    return base_dir(base) / "task_data"
 
 
-def fetch_bytes(url: str, attempts: int = 4, timeout: float = 60.0) -> bytes:
-    """GET ``url`` with exponential backoff (1, 2, 4 s); raises HubDownloadError at the end."""
-    last: Exception | None = None
-    for attempt in range(attempts):
-        try:
-            with urllib.request.urlopen(url, timeout=timeout) as response:
-                return response.read()
-        except urllib.error.HTTPError as err:
-            last = err
-            if 400 <= err.code < 500 and err.code != 429:
-                break  # not found / forbidden: retrying will not help
-        except (urllib.error.URLError, TimeoutError, OSError) as err:
-            last = err
-        if attempt + 1 < attempts:
-            time.sleep(2**attempt)
-    raise HubDownloadError(
-        f"download failed: {url} ({last}); check the network or set NANOCHAT_HUB_URL / "
-        "NANOCHAT_IDENTITY_URL to a mirror, or use mixture.source=builtin for offline data"
-    )
+def _download(url: str, dest: Path) -> Path:
+    try:
+        return download(url, dest, hint=HINT, attempts=4, backoff=1.0, progress=True)
+    except DownloadError as err:
+        raise HubDownloadError(str(err)) from None
 
 
-def download_parquet_split(repo: str, config: str, split: str) -> list[Path]:
+def download_parquet_split(repo: str, config: str, split: str, base: str | PathLike | None = None) -> list[Path]:
     """Local paths of every parquet file of a dataset split, downloading the missing ones."""
-    directory = task_data_dir() / repo.replace("/", "__") / config / split
+    directory = task_data_dir(base) / repo.replace("/", "__") / config / split
     manifest = directory / "files.json"
     if manifest.exists():
         names = json.loads(manifest.read_text())
@@ -79,7 +68,9 @@ def download_parquet_split(repo: str, config: str, split: str) -> list[Path]:
             return paths
     listing = f"{hub_url()}/api/datasets/{repo}/parquet/{config}/{split}"
     try:
-        urls = json.loads(fetch_bytes(listing))
+        urls = json.loads(fetch_bytes(listing, hint=HINT))
+    except DownloadError as err:
+        raise HubDownloadError(str(err)) from None
     except json.JSONDecodeError:
         raise HubDownloadError(f"{listing}: expected a JSON list of parquet URLs") from None
     if not isinstance(urls, list) or not urls:
@@ -89,24 +80,23 @@ def download_parquet_split(repo: str, config: str, split: str) -> list[Path]:
         path = directory / f"{i:04d}.parquet"
         if not path.exists():
             log.info("downloading %s", url)
-            atomic_write_bytes(path, fetch_bytes(url))
+            _download(url, path)
         paths.append(path)
     atomic_write_bytes(manifest, json.dumps([p.name for p in paths]).encode())
     return paths
 
 
-def read_parquet_split(repo: str, config: str, split: str) -> list[dict[str, Any]]:
+def read_parquet_split(repo: str, config: str, split: str, base: str | PathLike | None = None) -> list[dict[str, Any]]:
     """All rows of a hub dataset split as dicts (downloaded once, then read from the cache)."""
     rows: list[dict[str, Any]] = []
-    for path in download_parquet_split(repo, config, split):
+    for path in download_parquet_split(repo, config, split, base):
         rows.extend(pq.read_table(path).to_pylist())
     return rows
 
 
-def download_identity() -> Path:
+def download_identity(base: str | PathLike | None = None) -> Path:
     """The identity conversations JSONL (bare message arrays, one per line), cached."""
-    path = task_data_dir() / "identity_conversations.jsonl"
+    path = task_data_dir(base) / "identity_conversations.jsonl"
     if not path.exists():
-        url = os.environ.get("NANOCHAT_IDENTITY_URL", DEFAULT_IDENTITY_URL)
-        atomic_write_bytes(path, fetch_bytes(url))
+        _download(os.environ.get("NANOCHAT_IDENTITY_URL", DEFAULT_IDENTITY_URL), path)
     return path

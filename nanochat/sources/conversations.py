@@ -1,9 +1,9 @@
 """The JSONL conversation format: read, validate and write chat data.
 
 One conversation per line, either an object ``{"messages": [...], ...}`` (extra keys kept) or a
-bare JSON array of messages (the identity-conversations format). Messages follow the chat rules
-of :func:`nanochat.tokenizer.validate_conversation`; this module adds line numbers to every error
-and refuses whitespace-only content. It knows nothing about tokens.
+bare JSON array of messages (the identity-conversations format). Conversations follow the chat
+rules of :class:`nanochat.conversation.Conversation` with whitespace-only content refused (training
+data); this module adds the file and line number to every error. It knows nothing about tokens.
 """
 
 from __future__ import annotations
@@ -13,34 +13,25 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from nanochat.common import NanochatError, atomic_write_text
-from nanochat.tokenizer import validate_conversation
+from nanochat.common import atomic_write_text
+from nanochat.conversation import Conversation, ConversationError
 
 
-class ConversationFormatError(NanochatError, ValueError):
+class ConversationFormatError(ConversationError):
     """A conversation file or object breaks the format; the message names the line and the rule."""
 
 
 def check_conversation(conversation: Any) -> dict[str, Any]:
     """Validate one conversation (object or bare message list) and return it as ``{"messages": ...}``.
 
-    Raises ConversationFormatError with the message/part index and the rule that failed.
+    An object is returned as is (the same dict). Raises ConversationFormatError with the
+    message/part index and the rule that failed.
     """
-    if isinstance(conversation, list):
-        conversation = {"messages": conversation}
-    if not isinstance(conversation, dict) or "messages" not in conversation:
-        raise ConversationFormatError("expected an object with 'messages' or a JSON array of messages")
     try:
-        validate_conversation(conversation)
-    except ValueError as err:
+        Conversation.parse(conversation, allow_blank=False)
+    except ConversationError as err:
         raise ConversationFormatError(str(err)) from None
-    for i, message in enumerate(conversation["messages"]):
-        content = message["content"]
-        if isinstance(content, str) and not content.strip():
-            raise ConversationFormatError(f"message {i}: content must not be empty or whitespace only")
-        if isinstance(content, list) and all(not part["text"].strip() for part in content):
-            raise ConversationFormatError(f"message {i}: every part of the assistant content is empty")
-    return conversation
+    return {"messages": conversation} if isinstance(conversation, list) else conversation
 
 
 def parse_line(line: str, lineno: int, source: str = "<input>") -> dict[str, Any]:
