@@ -135,7 +135,7 @@ def router_stats(app: str, deployment: str) -> dict[str, Any]:
     replicas = {r.replica_id.unique_id: dict(r.routing_stats or {}) for r in list(router.curr_replicas.values())}
     policy = "prefix_affinity" if router.affinity else "power_of_two"
     return {"replicas": replicas, "router": {"policy": policy, "routed": router.routed, "affine": router.affine,
-                                             "prefixes": len(router.table)}}
+                                             "prefixes": len(router.table), "in_flight": dict(router.in_flight)}}
 
 
 class PrefixAffinityRouter(LocalityMixin, MultiplexMixin, RequestRouter):
@@ -154,6 +154,7 @@ class PrefixAffinityRouter(LocalityMixin, MultiplexMixin, RequestRouter):
         self.affinity, self.imbalance, self.block_chars = affinity, imbalance, block_chars
         self.table = AffinityTable(max_entries)
         self.routed = self.affine = 0  # requests routed / sent to the replica holding their prefix
+        self.in_flight: dict[str, int] = {}  # by replica: routed from here and not completed yet
         if self._deployment_id is not None:
             import nanochat.serve.router as home  # the imported module, not this class's pickled copy
 
@@ -180,10 +181,11 @@ class PrefixAffinityRouter(LocalityMixin, MultiplexMixin, RequestRouter):
         return [[by_id[owner]], fallback]
 
     def _overloaded(self, replica: RunningReplica, candidates: list[RunningReplica]) -> bool:
-        cache = self.replica_queue_len_cache
-        mine = cache.get(replica.replica_id)
-        known = [q for q in (cache.get(r.replica_id) for r in candidates) if q is not None]
-        return mine is not None and bool(known) and mine - min(known) > self.imbalance
+        """More than ``imbalance`` requests in flight beyond the least busy candidate (counted here, from
+        routed to completed: exact for this ingress's own traffic, with no probe of the replicas)."""
+        busy = self.in_flight.get
+        least = min(busy(r.replica_id.unique_id, 0) for r in candidates)
+        return busy(replica.replica_id.unique_id, 0) - least > self.imbalance
 
     def _keys(self, pending_request: PendingRequest) -> list[bytes]:
         for arg in list(pending_request.args) + list(pending_request.kwargs.values()):
@@ -196,9 +198,11 @@ class PrefixAffinityRouter(LocalityMixin, MultiplexMixin, RequestRouter):
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result: Any) -> None:
         """Remember that ``replica_id`` now holds this request's prefixes (its engine caches them)."""
+        super().on_request_routed(pending_request, replica_id, result)
         if pending_request is None:
             return
         self.routed += 1
+        self.in_flight[replica_id.unique_id] = self.in_flight.get(replica_id.unique_id, 0) + 1
         keys = self._keys(pending_request)
         if not keys:
             return
@@ -206,10 +210,17 @@ class PrefixAffinityRouter(LocalityMixin, MultiplexMixin, RequestRouter):
         self.affine += owner == replica_id.unique_id
         self.table.insert(keys, replica_id.unique_id)
 
+    def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
+        super().on_request_completed(replica_id, internal_request_id)
+        rid = replica_id.unique_id
+        self.in_flight[rid] = max(self.in_flight.get(rid, 0) - 1, 0)
+
     def update_replicas(self, replicas: list[RunningReplica]) -> None:
         gone = {rid.unique_id for rid in self._replicas} - {r.replica_id.unique_id for r in replicas}
         super().update_replicas(replicas)
         self.table.forget(gone)
+        for rid in gone:
+            self.in_flight.pop(rid, None)
 
     def on_replica_actor_died(self, replica_id: ReplicaID) -> None:
         super().on_replica_actor_died(replica_id)
