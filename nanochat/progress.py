@@ -136,7 +136,8 @@ class Bar:
 class TrainProgress:
     """One training stage on the console, fed the records of its ``metrics.jsonl``.
 
-    On a terminal: a bar of steps with loss, tokens/s and val bpb after the counts and tqdm's ETA.
+    On a terminal: a bar of steps with loss, tokens/s and val bpb (val loss for mid/SFT) after the
+    counts and tqdm's ETA.
     Elsewhere: ``line(record)`` (e.g. ``base step 40/80 | loss 5.07 | 4.5K tok/s | ...``) for every
     record, i.e. one plain line every ``report_every`` steps. Generated samples are printed either way.
     """
@@ -154,8 +155,10 @@ class TrainProgress:
             self.loss = f"loss {record['train/loss']:.3f}"
         if isinstance(record.get("train/tok_per_sec"), int | float):
             self.speed = f"{record['train/tok_per_sec'] / 1e3:.1f}K tok/s"
-        if isinstance(record.get("val/bpb"), int | float):
+        if isinstance(record.get("val/bpb"), int | float):  # pretraining's measure; mid/SFT report the loss
             self.bpb = f"val bpb {record['val/bpb']:.3f}"
+        elif isinstance(record.get("val/loss"), int | float):
+            self.bpb = f"val loss {record['val/loss']:.3f}"
         step = record.get("step")
         if self.bar._tqdm is None:
             write(self.line(record), self.stream)

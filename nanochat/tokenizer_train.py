@@ -98,7 +98,8 @@ class _CharCounter:
 
         self.texts, self.chars, self.docs = texts, 0, 0
         self.bar = tqdm(
-            total=total, unit="char", unit_scale=True, desc="reading text", file=sys.stderr, disable=None
+            total=total, unit="char", unit_scale=True, desc="reading text", file=sys.stderr, disable=None,
+            leave=False,  # the text may end before max_chars: a bar left at 60% would read as unfinished
         )
 
     def __iter__(self) -> Iterator[str]:
@@ -141,11 +142,11 @@ def train_tokenizer(
     else:
         texts, source = preset_train_texts(preset, base)
     out_dir = Path(out_dir) if out_dir else default_tokenizer_dir(base)
-    counter = _CharCounter(iter_capped(texts, max_chars=max_chars, doc_cap=doc_cap), total=max_chars)
-    start = time.time()
     print(
         f"training a {vocab_size}-token BPE tokenizer on {source} (max {max_chars:,} chars)", file=sys.stderr
-    )
+    )  # before the bar starts drawing on the same stream
+    counter = _CharCounter(iter_capped(texts, max_chars=max_chars, doc_cap=doc_cap), total=max_chars)
+    start = time.time()
     tokenizer = Tokenizer.train_from_iterator(counter, vocab_size=vocab_size)
     seconds = time.time() - start
     if counter.chars == 0:

@@ -153,3 +153,12 @@ def test_every_command_that_starts_ray_takes_verbose_and_no_dashboard(command):
     assert args.uses_ray and args.verbose and args.no_dashboard
     quiet = build_parser().parse_args(command)
     assert not quiet.verbose and not quiet.no_dashboard
+
+
+def test_the_bar_of_midtraining_shows_the_val_loss_it_reports_instead_of_bpb(monkeypatch):
+    monkeypatch.delenv(progress.PROGRESS_ENV, raising=False)
+    out = _Tty()
+    bar = progress.TrainProgress("midtrain", 60, stream=out)
+    bar.record({"stage": "mid", "step": 30, "num_iterations": 60, "train/loss": 3.7, "val/loss": 4.08})
+    bar.close()
+    assert "val loss 4.080" in out.getvalue() and "bpb" not in out.getvalue()
