@@ -3,7 +3,8 @@
     .venv/bin/python benchmarks/bench_rl.py [--steps 4] [--width 256]
 
 Builds a random 4-layer checkpoint (stage ``sft``) in a temp base dir and runs the real RL stage
-(:func:`nanochat.rl.run.train_rl`: learner actor + rollout actors on a local Ray) for ``--steps``
+(:func:`nanochat.rl.run.train_rl`: a one-worker Ray Train + DeepSpeed learner and rollout actors on a
+local Ray) for ``--steps``
 steps on the arithmetic task, once with 1 rollout actor and once with 2, both with evaluation off.
 From each run's metrics.jsonl (first step excluded: warm-up) it reports the mean
 ``rollout_tokens_per_s`` (completion tokens / rollout wall time of the step) and

@@ -14,12 +14,20 @@ Everything is measured in the same run, 1 worker, at the ``tiny`` preset's model
   compiled, at the tiny shape and, with ``--d12-steps N`` (default 2; 0 skips), at the d12 model
   shape (depth 12, 768 wide, vocab 65536, one 2048-token row per step) for N steps.
 
+* ``scale`` (``--sections scale``, or ``all``): 2 workers, ZeRO 2, on a two-node Ray cluster simulated on
+  this host (``ray.cluster_utils.Cluster``: a head and a worker node, 4 + 2 logical CPUs, gloo over TCP):
+  ``muon_vs_adamw_zero2`` (tok/s and the loss after the run, both workers on one node) and
+  ``two_nodes_vs_one_node`` (the Muon run with ``placement_strategy`` STRICT_SPREAD, one worker per node,
+  over the same run with STRICT_PACK: the cost of crossing nodes; on one host only the node boundary
+  differs, not the network).
+
 Ray throughput is the median of the reported windows after step 10 (compilation, reporting and
 eval time excluded, data waits included). The dtype is what ``dtype: auto`` picks on this machine.
 Tokenizers are trained on generated Zipf-distributed text so the vocab sizes are the real ones.
 Prints ONE JSON line.
 
     python benchmarks/bench_train.py [--steps 60] [--depth 4] [--seq 256] [--batch 8] [--d12-steps 2]
+                                     [--sections all|single|scale]
 """
 
 from __future__ import annotations
@@ -102,8 +110,10 @@ def plain_loop(model_config, rows, batch: int, steps: int, dtype, compiled: bool
 
 
 def ray_path(rows, *, depth: int, seq: int, batch: int, head_dim: int, steps: int, dtype: str, zero_stage: int = 0,
-             optimizer: str = "muon_adamw", compiled: bool, tag: str) -> dict:
-    """One 1-worker Ray Train + DeepSpeed pretraining run; throughput of the windows after step 10."""
+             optimizer: str = "muon_adamw", compiled: bool, tag: str, workers: int = 1,
+             placement: str = "PACK") -> dict:
+    """One Ray Train + DeepSpeed pretraining run (``workers`` workers, each ``batch`` rows per step);
+    throughput (all workers) of the windows after step 10."""
     import ray.data
 
     from nanochat.train.metrics import read_jsonl
@@ -112,13 +122,15 @@ def ray_path(rows, *, depth: int, seq: int, batch: int, head_dim: int, steps: in
     s = "pretrain"
     overrides = [
         f"model.depth={depth}", "model.aspect_ratio=64", f"model.head_dim={head_dim}", f"model.sequence_len={seq}",
-        f"{s}.device_batch_size={batch}", f"{s}.total_batch_size={batch * seq}", f"{s}.num_iterations={steps}",
+        f"{s}.device_batch_size={batch}", f"{s}.total_batch_size={batch * seq * workers}", f"{s}.num_iterations={steps}",
         f"{s}.eval_every=-1", f"{s}.eval_tokens={seq * batch}", f"{s}.sample_every=-1", f"{s}.save_every=-1",
         f"{s}.report_every={10 if steps > 10 else 1}", f"{s}.optimizer={optimizer}", f"{s}.zero_stage={zero_stage}",
         f"{s}.dtype={dtype}", f"{s}.warmdown_ratio=0", f"{s}.compile={str(compiled).lower()}",
+        f"ray.placement_strategy={placement}",
     ]
     ds = {"train": ray.data.from_items(rows), "val": ray.data.from_items(rows[:batch])}
-    r = train_stage(s, "tiny", overrides=overrides, num_workers=1, datasets=ds, tag=tag, export=False, restart=True)
+    r = train_stage(s, "tiny", overrides=overrides, num_workers=workers, datasets=ds, tag=tag, export=False,
+                    restart=True)
     records = [x for x in read_jsonl(r.metrics_path) if "train/tok_per_sec" in x]
     windows = [x for x in records if x["step"] > 10] or records
     return {
@@ -127,6 +139,42 @@ def ray_path(rows, *, depth: int, seq: int, batch: int, head_dim: int, steps: in
         "mfu": statistics.median(x["train/mfu"] for x in windows),
         "loss": records[-1]["train/loss"], "peak_rss_mb": max(x["worker/peak_rss_mb"] for x in records),
         "compiled": records[-1]["compile"],
+    }
+
+
+def scale_section(rows, shape: dict, dtype: str) -> dict:
+    """Muon vs AdamW at ZeRO 2 and one node vs two, 2 workers each, on a two-node cluster on this host."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from nanochat.ray_utils import worker_env
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 4, "resources": {"head_node": 1},
+                                                            "include_dashboard": False})
+    cluster.add_node(num_cpus=2, resources={"worker_node": 1})
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, runtime_env={"env_vars": worker_env()}, logging_level="WARNING")
+    try:
+        common = {**shape, "dtype": dtype, "zero_stage": 2, "compiled": False, "workers": 2}
+        muon = ray_path(rows, **common, tag="bench-scale-muon", placement="STRICT_PACK")
+        adamw = ray_path(rows, **common, optimizer="adamw", tag="bench-scale-adamw", placement="STRICT_PACK")
+        spread = ray_path(rows, **common, tag="bench-scale-spread", placement="STRICT_SPREAD")
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+    steps = shape["steps"]
+    return {
+        "scale": {"workers": 2, "zero_stage": 2, "compile": False, "tokens_per_step": 2 * shape["batch"] * shape["seq"]},
+        "muon_vs_adamw_zero2": {
+            "muon_tok_per_sec": round(muon["tok_per_sec"], 1), "adamw_tok_per_sec": round(adamw["tok_per_sec"], 1),
+            "ratio": round(muon["tok_per_sec"] / adamw["tok_per_sec"], 3),
+            f"muon_loss_after_{steps}": round(muon["loss"], 4), f"adamw_loss_after_{steps}": round(adamw["loss"], 4),
+        },
+        "two_nodes_vs_one_node": {
+            "one_node_tok_per_sec": round(muon["tok_per_sec"], 1), "two_nodes_tok_per_sec": round(spread["tok_per_sec"], 1),
+            "ratio": round(spread["tok_per_sec"] / muon["tok_per_sec"], 3),
+            f"two_nodes_loss_after_{steps}": round(spread["loss"], 4),
+        },
     }
 
 
@@ -148,6 +196,8 @@ def main() -> None:
     parser.add_argument("--head-dim", type=int, default=64, help="tiny preset: 64 (nanochat's d4: 128)")
     parser.add_argument("--vocab", type=int, default=4096)
     parser.add_argument("--d12-steps", type=int, default=2, help="steps of the d12-shape memory runs (0: skip)")
+    parser.add_argument("--sections", choices=("all", "single", "scale"), default="all",
+                        help="single: the 1-worker figures; scale: the 2-worker/two-node ones")
     args = parser.parse_args()
     os.environ.setdefault("NANOCHAT_BASE_DIR", tempfile.mkdtemp(prefix="bench-train-"))
     os.environ.setdefault("NANOCHAT_LOG_LEVEL", "WARNING")
@@ -155,7 +205,6 @@ def main() -> None:
 
     from nanochat.common import resolved_dtype
     from nanochat.model import config_for_depth
-    from nanochat.ray_utils import init_ray
     from nanochat.train.trainer import resolve_dtype
 
     base = Path(os.environ["NANOCHAT_BASE_DIR"])
@@ -167,8 +216,30 @@ def main() -> None:
     rows = make_rows(tokenizer.vocab_size, args.seq, args.batch * (total + 4), seed=1, tokenizer=tokenizer)
     dtype = resolved_dtype(resolve_dtype("auto", cuda), "cuda" if cuda else "cpu")
     dtype_name = "bfloat16" if dtype == torch.bfloat16 else "float32"
-    init_ray()
     shape = {"depth": args.depth, "seq": args.seq, "batch": args.batch, "head_dim": args.head_dim, "steps": total}
+    header = {"bench": "train", "device": "cuda" if cuda else "cpu", "dtype": dtype_name,
+              "model": {"depth": args.depth, "n_embd": config.n_embd, "head_dim": args.head_dim,
+                        "vocab": tokenizer.vocab_size, "seq": args.seq, "batch": args.batch}}
+    out = {**header, **(single_sections(args, config, rows, shape, dtype, dtype_name, cuda, base)
+                        if args.sections in ("all", "single") else {})}
+    if args.sections in ("all", "scale"):
+        import ray
+
+        ray.shutdown()  # the scale section starts its own two-node cluster
+        tokenizer.save(base / "tokenizer")  # the d12 runs replaced it
+        scale_rows = make_rows(tokenizer.vocab_size, args.seq, 2 * args.batch * (total + 4), seed=1, tokenizer=tokenizer)
+        out.update(scale_section(scale_rows, shape, dtype_name))
+    print(json.dumps(out), flush=True)
+
+
+def single_sections(args, config, rows, shape: dict, dtype, dtype_name: str, cuda: bool, base: Path) -> dict:
+    """The 1-worker figures: compiled vs eager, Ray vs a plain loop, bf16 vs fp32, peak RSS."""
+    import torch
+
+    from nanochat.ray_utils import init_ray
+
+    total = shape["steps"]
+    init_ray()
 
     muon_eager = ray_path(rows, **shape, dtype=dtype_name, compiled=False, tag="bench-eager")
     muon_compiled = ray_path(rows, **shape, dtype=dtype_name, compiled=True, tag="bench-compiled")
@@ -178,9 +249,6 @@ def main() -> None:
     after = plain_loop(config, rows, args.batch, args.steps, dtype, compiled=True)
     plain = (before + after) / 2
     out = {
-        "bench": "train", "device": "cuda" if cuda else "cpu", "dtype": dtype_name,
-        "model": {"depth": args.depth, "n_embd": config.n_embd, "head_dim": args.head_dim, "vocab": tokenizer.vocab_size,
-                  "seq": args.seq, "batch": args.batch},
         "eager_tok_per_sec": round(muon_eager["tok_per_sec"], 1),
         "compiled_tok_per_sec": round(muon_compiled["tok_per_sec"], 1),
         "compiled_vs_eager": round(muon_compiled["tok_per_sec"] / muon_eager["tok_per_sec"], 3),
@@ -209,7 +277,7 @@ def main() -> None:
     rss = out["peak_rss_mb"]
     out["peak_rss_compiled_vs_eager"] = {k: round(rss[f"{k}_compiled"] / rss[f"{k}_eager"], 3)
                                          for k in ("tiny", "d12") if f"{k}_eager" in rss}
-    print(json.dumps(out), flush=True)
+    return out
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 Each group lives in the module that owns the feature; that module exposes
 ``register(subparsers)`` which adds its parser(s) and sets ``func`` (a callable taking the parsed
 ``argparse.Namespace`` and returning an exit code), and ``uses_ray=True`` for a command that may
-start Ray: such a command runs under :func:`nanochat.ray_utils.stop_on_signals` (Ctrl-C and SIGTERM
+start Ray: such a command runs under :func:`nanochat.ray_stop.stop_on_signals` (Ctrl-C and SIGTERM
 stop it and everything its Ray started within a bound). This file only wires them together; the
 ``ray_jobs/*.py`` scripts run the same commands through :func:`run_job`.
 """
@@ -101,7 +101,7 @@ def _run(args: argparse.Namespace, uses_ray: bool) -> int:
         if not uses_ray:
             return int(args.func(args) or 0)
         from nanochat.progress import console_options
-        from nanochat.ray_utils import stop_on_signals
+        from nanochat.ray_stop import stop_on_signals
 
         # Ctrl-C and SIGTERM stop the command and the Ray it started within STOP_TIMEOUT_S; -v and
         # --no-dashboard hold for the command's duration.

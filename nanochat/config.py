@@ -136,12 +136,25 @@ class RLSettings(_Strict):
 
 
 class RaySettings(_Strict):
-    num_workers: int = Field(1, ge=1)
+    num_workers: int = Field(1, ge=1, description="training workers (the most, with min_workers set)")
+    min_workers: int | None = Field(
+        None, ge=1, description="elastic training: start once this many workers fit and resize between it "
+        "and num_workers as nodes leave and return (None: a fixed num_workers; see docs/training.md)")
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK", description="where the training workers go: PACK fills nodes in turn, STRICT_SPREAD puts "
+        "each worker on its own node, STRICT_PACK all on one node (Ray placement-group strategies)")
     use_gpu: bool | None = Field(None, description="None = use GPUs when the cluster has them")
     cpus_per_worker: float = Field(1.0, gt=0)
-    max_failures: int = Field(0, ge=-1)
+    max_failures: int = Field(0, ge=-1, description="worker-group restarts from the latest checkpoint after a "
+                              "worker or node fails (-1: without limit)")
     storage_path: str | None = Field(None, description="local dir or pyarrow URI (s3://, gs://); default $BASE/ray_results")
     num_cpus: int | None = Field(None, description="logical CPUs for the embedded local Ray (default: max(4, 2*cores))")
+
+    @model_validator(mode="after")
+    def _check_elastic(self) -> RaySettings:
+        if self.min_workers is not None and self.min_workers > self.num_workers:
+            raise ValueError(f"min_workers ({self.min_workers}) must be <= num_workers ({self.num_workers})")
+        return self
 
 
 class EvalSettings(_Strict):

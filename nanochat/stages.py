@@ -3,8 +3,9 @@
 A stage has two names: the command and preset section (``pretrain``, ``midtrain``, ``sft``) and
 the checkpoint stage it writes (``base``, ``mid``, ``sft``: ``checkpoints/<stage>/<tag>/step_N``
 and ``meta.json``'s ``stage``). Midtraining starts from a base checkpoint, SFT from a mid one.
-Reinforcement learning (``rl``, :data:`RL`) starts from an SFT checkpoint; it is not on the shared
-Ray Train loop (:mod:`nanochat.rl`), so it is in :data:`CHECKPOINT_STAGES` but not in :data:`STAGES`.
+Reinforcement learning (``rl``, :data:`RL`) starts from an SFT checkpoint; its learner runs on Ray
+Train + DeepSpeed with its own per-worker loop (rollouts, not a dataset: :mod:`nanochat.rl`), so it
+is in :data:`CHECKPOINT_STAGES` but not in :data:`STAGES`.
 This module imports nothing (no torch), so ``nanochat --help`` can list the stages cheaply.
 """
 

@@ -100,6 +100,18 @@ def tiny_model_factory(tiny_tokenizer):
 
 
 @pytest.fixture(scope="session")
+def tok(tiny_tokenizer):
+    """The session's tiny tokenizer, under the short name the engine tests use."""
+    return tiny_tokenizer
+
+
+@pytest.fixture
+def model(tiny_model_factory):
+    """A fresh default tiny GPT (seed 0, 2 layers, 64 wide, 4 heads, 128-token context) for one test."""
+    return tiny_model_factory()
+
+
+@pytest.fixture(scope="session")
 def ray_session(tmp_path_factory):
     """One embedded local Ray shared by every test that needs it (start-up is ~5 s, ~1 GB).
 

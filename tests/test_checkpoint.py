@@ -42,6 +42,15 @@ def _save(model, tok, stage="base", tag="d2", step=10, **kw) -> Path:
     )
 
 
+def _save_with_config(model, tok, **changes) -> Path:
+    """A saved checkpoint whose meta.json's model_config then gets ``changes``."""
+    path = _save(model, tok)
+    meta = json.loads((path / "meta.json").read_text())
+    meta["model_config"].update(changes)
+    (path / "meta.json").write_text(json.dumps(meta))
+    return path
+
+
 def _logits(model, ids) -> torch.Tensor:
     with torch.no_grad():
         return model(ids)
@@ -153,10 +162,7 @@ def test_invalid_meta_json_names_the_file(base_dir, model, tiny_tokenizer):
 
 
 def test_shape_mismatch_names_the_file_and_tensor(base_dir, model, tiny_tokenizer):
-    path = _save(model, tiny_tokenizer)
-    meta = json.loads((path / "meta.json").read_text())
-    meta["model_config"]["n_embd"] = 128
-    (path / "meta.json").write_text(json.dumps(meta))
+    path = _save_with_config(model, tiny_tokenizer, n_embd=128)
     with pytest.raises(
         CheckpointError,
         match=r"model\.safetensors: [\w.]+ has shape \(384, 64\), the config needs \(384, 128\)",
@@ -165,19 +171,13 @@ def test_shape_mismatch_names_the_file_and_tensor(base_dir, model, tiny_tokenize
 
 
 def test_layer_count_mismatch_lists_missing_keys(base_dir, model, tiny_tokenizer):
-    path = _save(model, tiny_tokenizer)
-    meta = json.loads((path / "meta.json").read_text())
-    meta["model_config"]["n_layer"] = 3
-    (path / "meta.json").write_text(json.dumps(meta))
+    path = _save_with_config(model, tiny_tokenizer, n_layer=3)
     with pytest.raises(CheckpointError, match=r"model\.safetensors does not match its model_config: missing"):
         load_checkpoint(path)
 
 
 def test_unknown_config_field_is_reported(base_dir, model, tiny_tokenizer):
-    path = _save(model, tiny_tokenizer)
-    meta = json.loads((path / "meta.json").read_text())
-    meta["model_config"]["bogus"] = 1
-    (path / "meta.json").write_text(json.dumps(meta))
+    path = _save_with_config(model, tiny_tokenizer, bogus=1)
     with pytest.raises(CheckpointError, match=r"meta\.json: invalid model_config"):
         load_checkpoint(path)
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _helpers_engine import scripted_model
 
 from nanochat.cli import main as cli_main
 
@@ -427,7 +428,7 @@ def test_calculator_calls_are_shown_readably_and_kept_exactly_in_the_history(tin
     script = [(S("<|assistant_start|>"), S("<|python_start|>")), (S("<|python_start|>"), byte("3")),
               (byte("3"), byte("+")), (byte("+"), byte("4")), (byte("4"), S("<|python_end|>")),
               (S("<|output_end|>"), byte("k")), (byte("k"), S("<|assistant_end|>"))]
-    model = _scripted(tiny_model_factory, script)
+    model = scripted_model(tiny_model_factory, script)
     session = ChatSession(Engine(model, tok, max_batch_size=1), tok, SamplingParams(max_tokens=20, temperature=0))
     out = io.StringIO()
     shown = session.reply("what is 3+4?", out)
@@ -462,18 +463,3 @@ def test_tool_view_shows_refused_and_interrupted_calls_and_dims_on_a_terminal(ti
                         (S("<|output_start|>"), ""), (5, "4"), (S("<|output_end|>"), "")]:
         view.push(token, text)
     assert tty.getvalue() == "\033[2m[calculator] 2+2 = 4\033[0m\n" and "".join(shown) == "[calculator] 2+2 = 4\n"
-
-
-def _scripted(factory, pairs: list[tuple[int, int]]):
-    """A real GPT that predicts ``b`` after ``a`` for each pair (blocks zeroed to the identity, so the
-    last hidden state is ``norm(wte[token])``; ``lm_head[b]`` is set to that vector)."""
-    m = factory(seed=1, n_layer=2, n_embd=64, seq=128)
-    with torch.no_grad():
-        for block in m.transformer.h:
-            block.attn.c_proj.weight.zero_()
-            block.mlp.c_proj.weight.zero_()
-        m.lm_head.weight.zero_()
-        hidden = torch.nn.functional.rms_norm(m.transformer.wte.weight, (m.config.n_embd,))
-        for a, b in pairs:
-            m.lm_head.weight[b] += hidden[a]
-    return m

@@ -9,7 +9,7 @@ import time
 import pytest
 
 from nanochat import progress
-from nanochat.ray_utils import dashboard_enabled, forward_worker_warnings
+from nanochat.ray_console import dashboard_enabled, forward_worker_warnings
 from nanochat.train.metrics import format_log_line
 
 RECORDS = [

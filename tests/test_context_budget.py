@@ -13,17 +13,7 @@ import pytest
 
 from nanochat.engine import ContextLengthError, Engine, SamplingParams, answer_room
 
-SEQ = 128
-
-
-@pytest.fixture
-def tok(tiny_tokenizer):
-    return tiny_tokenizer
-
-
-@pytest.fixture
-def model(tiny_model_factory):
-    return tiny_model_factory(seed=0, n_layer=2, n_embd=64, seq=SEQ)
+SEQ = 128  # the context of conftest's `model`
 
 
 def prompt_of(tok, length: int) -> list[int]:

@@ -4,13 +4,18 @@ One child process (so it owns its Ray: the test session's shared Ray runs withou
 starts the embedded Ray as every command does (dashboard on), trains a tiny pretraining run
 through Ray Data + Ray Train, serves the checkpoint with Ray Serve and sends it traffic, while a
 thread scrapes the node's Prometheus endpoint; then it asks the dashboard's REST API for the Train
-run, the Data pipelines and the Serve app, and prints everything as one JSON line.
+run, the Data pipelines and the Serve app, and prints everything as one JSON line. The session's
+shared Ray runs meanwhile, so an actor of the child also checks that Ray's state API finds the
+child's own Ray while another instance runs on the host.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -19,6 +24,8 @@ from pathlib import Path
 import pytest
 from _helpers_serve import free_port
 from _helpers_train import tiny_overrides, write_text_shards
+
+from nanochat.ray_utils import free_dashboard_port
 
 # Metrics of the server (scraped with Ray's `ray_` prefix); histograms are checked through `_count`.
 SERVE_METRICS = [
@@ -33,17 +40,36 @@ TRAIN_METRICS = ["ray_nanochat_train_loss", "ray_nanochat_train_lr_multiplier", 
 CHILD = r"""
 import json, os, re, sys, threading, time
 import httpx
+import ray
 
 overrides, wanted = json.loads(sys.argv[1]), set(json.loads(sys.argv[2]))
 from ray import serve
 from ray._private.authentication.http_token_authentication import get_auth_headers_if_auth_enabled
 from nanochat.metrics_export import metrics_endpoints
-from nanochat.ray_utils import dashboard_url, init_ray
+from nanochat.ray_console import dashboard_url
+from nanochat.ray_utils import init_ray
 from nanochat.serve.app import build_app
 from nanochat.train.trainer import train_stage
 
 init_ray(num_cpus=4)
 url, headers = dashboard_url(), get_auth_headers_if_auth_enabled({})
+
+@ray.remote(num_cpus=0)
+class StateProbe:  # Ray's state API in a worker, called as Train's state actor calls it (no address)
+    def ask(self):
+        from ray._private.services import find_gcs_addresses
+        from ray.dashboard.utils import get_address_for_submission_client
+        from ray.util.state import get_actor
+
+        seen = {"instances": len(find_gcs_addresses())}
+        try:
+            seen["resolved"] = get_address_for_submission_client(None)
+            seen["actor_state"] = get_actor(ray.get_runtime_context().get_actor_id(), timeout=60).state
+        except Exception as err:
+            seen["error"] = f"{type(err).__name__}: {err}"
+        return seen
+
+state_api = ray.get(StateProbe.remote().ask.remote())
 peak, statuses, stop = {}, set(), threading.Event()
 SAMPLE = re.compile(r'^(\w+)(?:\{(.*)\})? (\S+)$')
 
@@ -114,18 +140,19 @@ for t in load:
     t.join(timeout=120)
 scrape()
 
-job = __import__("ray").get_runtime_context().get_job_id()
+job = ray.get_runtime_context().get_job_id()
 api = {path: httpx.get(url + path, headers=headers, timeout=60).json()
        for path in ("/api/train/v2/runs/v1", f"/api/data/datasets/{job}", "/api/serve/applications/")}
 print("RESULT " + json.dumps({"dashboard": url, "peak": peak, "statuses": sorted(statuses), "api": api,
-                              "missing_model": missing_model}))
+                              "missing_model": missing_model, "state_api": state_api}))
 serve.shutdown()
 """
 
 
 @pytest.fixture(scope="module")
-def dashboard_run(tmp_path_factory, tiny_tokenizer) -> dict:
-    """The child's JSON result (one run shared by this module's tests)."""
+def dashboard_run(ray_session, tmp_path_factory, tiny_tokenizer) -> dict:
+    """The child's JSON result (one run shared by this module's tests). The session's Ray runs meanwhile:
+    a second Ray instance on the host, as when a user's `ray start` cluster runs beside a command."""
     if os.environ.get("RAY_ADDRESS"):
         pytest.skip("starts its own local Ray; unset RAY_ADDRESS")
     base = tmp_path_factory.mktemp("dashboard_base")
@@ -133,18 +160,29 @@ def dashboard_run(tmp_path_factory, tiny_tokenizer) -> dict:
     write_text_shards(base / "data" / "builtin")
     ray_tmp = tempfile.mkdtemp(prefix="nc-dash-", dir="/tmp")  # short: Ray's socket paths have a length limit
     env = {**os.environ, "NANOCHAT_BASE_DIR": str(base), "NANOCHAT_DASHBOARD": "1", "RAY_TMPDIR": ray_tmp,
-           "RAY_metrics_report_interval_ms": "1000"}  # this Ray only: export every second, not every 10 s
+           "RAY_metrics_report_interval_ms": "1000",  # this Ray only: export every second, not every 10 s
+           # Train's state actor asks the state API about the run every second, not every 30 s
+           "RAY_TRAIN_STATE_ACTOR_RECONCILIATION_INTERVAL_S": "1"}
     env.pop("NANOCHAT_VERBOSE", None)
     # 128-token context: room for a chat prompt and its reply (the tiny helper's 32 tokens are not)
     overrides = tiny_overrides(steps=12, model__sequence_len=128, pretrain__total_batch_size=512,
                                pretrain__report_every=1)
-    proc = subprocess.run(
+    proc = subprocess.Popen(
         [sys.executable, "-c", CHILD, json.dumps(overrides), json.dumps(SERVE_METRICS + TRAIN_METRICS),
-         str(free_port())], env=env, capture_output=True, text=True, timeout=900,
+         str(free_port())], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True,  # its Ray goes with it: a leftover Ray would confuse every later test
     )
+    try:
+        stdout, stderr = proc.communicate(timeout=600)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    proc = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     assert proc.returncode == 0 and lines, (proc.stdout[-3000:] + proc.stderr[-5000:])
-    return {**json.loads(lines[-1][len("RESULT "):]), "stderr": proc.stderr}
+    lost = [str(f) for f in Path(ray_tmp).rglob("logs/worker-*")
+            if "Found multiple active Ray instances" in f.read_text(errors="replace")]
+    return {**json.loads(lines[-1][len("RESULT "):]), "stderr": proc.stderr, "lost_workers": lost}
 
 
 @pytest.mark.slow
@@ -153,6 +191,29 @@ def test_the_local_ray_starts_its_dashboard_and_says_where_it_and_its_logs_are(d
     assert url.startswith("http://127.0.0.1:")  # localhost only
     assert f"Ray dashboard: {url}" in dashboard_run["stderr"]
     assert "Ray's own logs: /tmp/nc-dash-" in dashboard_run["stderr"]
+
+
+@pytest.mark.slow
+def test_ray_state_api_in_a_worker_reaches_this_ray_while_another_ray_runs_on_the_host(dashboard_run):
+    """Regression: without an address, Ray's state API (Train's state actor polls it) scanned the host
+    for GCS processes and failed with "Found multiple active Ray instances" (or asked another Ray)."""
+    seen = dashboard_run["state_api"]
+    assert seen["instances"] >= 2, seen  # the case under test: this Ray and the session's
+    assert "error" not in seen, seen
+    assert seen["resolved"] == dashboard_run["dashboard"]
+    assert seen["actor_state"] == "ALIVE"
+    assert dashboard_run["lost_workers"] == []  # no worker (Train's state actor polled) met the error
+
+
+def test_the_dashboard_port_is_the_first_one_free_from_the_given_one():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        got = free_dashboard_port(first=port, tries=20)
+    assert got is not None and port < got < port + 20
+    with socket.socket() as check:  # the port it returned can be bound
+        check.bind(("127.0.0.1", got))
 
 
 @pytest.mark.slow

@@ -2,79 +2,17 @@
 
 from __future__ import annotations
 
-import http.server
-import threading
-
 import pytest
+from _helpers_http import FileServer
 
 from nanochat.sources.download import DownloadError, download, download_all, fetch_bytes
 
 DATA = bytes(range(256)) * 400  # 100 KiB
 
 
-class Server:
-    """Serves ``DATA`` at /file (Range honoured) with scripted faults; logs (path, Range, status)."""
-
-    def __init__(self):
-        self.reset()
-        server = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def do_GET(self):
-                rng = self.headers.get("Range")
-                if self.path == "/moved":
-                    server.log.append((self.path, rng, 302))
-                    self.send_response(302)
-                    self.send_header("Location", "/file")
-                    self.send_header("Content-Length", "0")
-                    self.end_headers()
-                    return
-                if self.path != "/file":
-                    server.log.append((self.path, rng, 404))
-                    self.send_error(404)
-                    return
-                if server.fail_first > 0:
-                    server.fail_first -= 1
-                    server.log.append((self.path, rng, 503))
-                    self.send_error(503)
-                    return
-                start = int(rng.split("=")[1].split("-")[0]) if rng else 0
-                status = 206 if rng else 200
-                body = DATA[start:]
-                self.send_response(status)
-                self.send_header("Content-Length", str(len(body)))
-                if rng:
-                    self.send_header("Content-Range", f"bytes {start}-{len(DATA) - 1}/{len(DATA)}")
-                self.end_headers()
-                server.log.append((self.path, rng, status))
-                if server.cut_first > 0:  # send half the body, then drop the connection
-                    server.cut_first -= 1
-                    self.wfile.write(body[: len(body) // 2])
-                    self.wfile.flush()
-                    self.close_connection = True
-                    return
-                self.wfile.write(body)
-
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def reset(self):
-        self.fail_first = 0  # number of 503 answers before the file is served
-        self.cut_first = 0  # number of responses cut after half the body
-        self.log: list[tuple[str, str | None, int]] = []
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
 @pytest.fixture(scope="module")
 def module_server():
-    srv = Server()
+    srv = FileServer({"file": DATA}, redirects={"moved": "file"})
     yield srv
     srv.close()
 
@@ -86,22 +24,22 @@ def server(module_server):
 
 
 def test_transient_5xx_is_retried_until_the_file_arrives(server, tmp_path):
-    server.fail_first = 2
+    server.fail_first = {"file": 2}
     dest = download(f"{server.url}/file", tmp_path / "f.bin", backoff=0.01)
     assert dest.read_bytes() == DATA
     assert [status for *_, status in server.log] == [503, 503, 200]
 
 
 def test_cut_connection_resumes_with_a_range_request(server, tmp_path):
-    server.cut_first = 1
+    server.cut_first = {"file": 1}
     dest = download(f"{server.url}/file", tmp_path / "f.bin", backoff=0.01)
     assert dest.read_bytes() == DATA
-    assert server.log == [("/file", None, 200), ("/file", f"bytes={len(DATA) // 2}-", 206)]
+    assert server.log == [("file", None, 200), ("file", f"bytes={len(DATA) // 2}-", 206)]
     assert not (tmp_path / "f.bin.tmp").exists()
 
 
 def test_a_failed_download_leaves_no_file_under_the_final_name(server, tmp_path):
-    server.cut_first = 3
+    server.cut_first = {"file": 3}
     with pytest.raises(DownloadError, match="peer closed connection.*rerun to resume"):
         download(f"{server.url}/file", tmp_path / "f.bin", attempts=3, backoff=0.01)
     assert not (tmp_path / "f.bin").exists()
@@ -110,7 +48,7 @@ def test_a_failed_download_leaves_no_file_under_the_final_name(server, tmp_path)
     # the rerun picks up where the last attempt stopped
     download(f"{server.url}/file", tmp_path / "f.bin", backoff=0.01)
     assert (tmp_path / "f.bin").read_bytes() == DATA
-    assert server.log[-1] == ("/file", f"bytes={len(partial)}-", 206)
+    assert server.log[-1] == ("file", f"bytes={len(partial)}-", 206)
 
 
 def test_bytes_the_check_rejects_are_downloaded_again_and_never_kept(server, tmp_path):
@@ -147,7 +85,7 @@ def test_redirects_are_followed(server, tmp_path):
 
 
 def test_fetch_bytes_retries_and_names_the_url_on_404(server):
-    server.fail_first = 1
+    server.fail_first = {"file": 1}
     assert fetch_bytes(f"{server.url}/file", backoff=0.01) == DATA
     with pytest.raises(DownloadError, match=f"{server.url}/nope.*use a mirror"):
         fetch_bytes(f"{server.url}/nope", hint="use a mirror", backoff=0.01)

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import http.server
 import json
-import threading
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from _helpers_http import FileServer
 
 from nanochat.common import NanochatError
 from nanochat.sources import builtin_text
@@ -110,68 +109,9 @@ def shard_bytes(tmp_path_factory) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in out.glob("*.parquet")}
 
 
-class ShardServer:
-    """A local HTTP server for shards with Range support and scripted failures."""
-
-    def __init__(self, files: dict[str, bytes]):
-        self.files = files
-        self.fail_first: dict[str, int] = {}  # name -> number of 503 answers before success
-        self.truncate_first: dict[str, int] = {}  # name -> number of half-sent responses
-        self.honour_range = True
-        self.log: list[tuple[str, str | None, int]] = []
-        server = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def do_GET(self):
-                name = self.path.rsplit("/", 1)[-1]
-                rng = self.headers.get("Range")
-                if name not in server.files:
-                    server.log.append((name, rng, 404))
-                    self.send_error(404)
-                    return
-                if server.fail_first.get(name, 0) > 0:
-                    server.fail_first[name] -= 1
-                    server.log.append((name, rng, 503))
-                    self.send_error(503)
-                    return
-                data, status, start = server.files[name], 200, 0
-                if rng and server.honour_range:
-                    start = int(rng.split("=")[1].split("-")[0])
-                    status = 206
-                body = data[start:]
-                self.send_response(status)
-                self.send_header("Content-Length", str(len(body)))
-                if status == 206:
-                    self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
-                self.end_headers()
-                server.log.append((name, rng, status))
-                if server.truncate_first.get(name, 0) > 0:
-                    server.truncate_first[name] -= 1
-                    self.wfile.write(body[: len(body) // 2])
-                    self.wfile.flush()
-                    self.close_connection = True
-                    return
-                self.wfile.write(body)
-
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/data"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-        self.thread.start()
-
-    def requests_for(self, name: str) -> list[tuple[str, str | None, int]]:
-        return [entry for entry in self.log if entry[0] == name]
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
 @pytest.fixture
 def server(shard_bytes, base_dir, monkeypatch):
-    srv = ShardServer(shard_bytes)
+    srv = FileServer(shard_bytes, prefix="/data")
     monkeypatch.setenv("NANOCHAT_DATA_URL", srv.url)
     yield srv
     srv.close()
@@ -208,7 +148,7 @@ def test_download_retries_failed_requests_with_backoff(server, shard_bytes):
 
 def test_truncated_response_resumes_with_http_range(server, shard_bytes):
     name = "shard_00001.parquet"
-    server.truncate_first = {name: 1}
+    server.cut_first = {name: 1}
     out = _fetch(num_shards=2)
     assert (out / name).read_bytes() == shard_bytes[name]
     reqs = server.requests_for(name)

@@ -165,46 +165,36 @@ _RAY_CLUSTER_SPEC = {
     },
     "additionalProperties": False,
 }
-_METADATA = {"type": "object", "required": ["name"], "properties": {"name": {"type": "string"}}}
-RAYJOB_SCHEMA = {
-    "type": "object",
-    "required": ["apiVersion", "kind", "metadata", "spec"],
-    "properties": {
-        "apiVersion": {"const": "ray.io/v1"},
-        "kind": {"const": "RayJob"},
-        "metadata": _METADATA,
-        "spec": {
-            "type": "object",
-            "required": ["entrypoint", "rayClusterSpec"],
-            "properties": {
-                "entrypoint": {"type": "string", "minLength": 1},
-                "submissionMode": {"enum": ["K8sJobMode", "HTTPMode", "InteractiveMode", "SidecarMode"]},
-                "shutdownAfterJobFinishes": {"type": "boolean"},
-                "ttlSecondsAfterFinished": {"type": "integer", "minimum": 0},
-                "activeDeadlineSeconds": {"type": "integer", "minimum": 1},
-                "backoffLimit": {"type": "integer", "minimum": 0},
-                "runtimeEnvYAML": {"type": "string"},
-                "rayClusterSpec": _RAY_CLUSTER_SPEC,
-            },
-            "additionalProperties": False,
+
+
+def _kuberay_resource(kind: str, spec_required: list[str], spec_properties: dict) -> dict:
+    """A KubeRay ``ray.io/v1`` resource: apiVersion, kind, a named metadata, and a closed ``spec``."""
+    return {
+        "type": "object",
+        "required": ["apiVersion", "kind", "metadata", "spec"],
+        "properties": {
+            "apiVersion": {"const": "ray.io/v1"},
+            "kind": {"const": kind},
+            "metadata": {"type": "object", "required": ["name"], "properties": {"name": {"type": "string"}}},
+            "spec": {"type": "object", "required": spec_required, "properties": spec_properties,
+                     "additionalProperties": False},
         },
-    },
-}
-RAYSERVICE_SCHEMA = {
-    "type": "object",
-    "required": ["apiVersion", "kind", "metadata", "spec"],
-    "properties": {
-        "apiVersion": {"const": "ray.io/v1"},
-        "kind": {"const": "RayService"},
-        "metadata": _METADATA,
-        "spec": {
-            "type": "object",
-            "required": ["serveConfigV2", "rayClusterConfig"],
-            "properties": {"serveConfigV2": {"type": "string"}, "rayClusterConfig": _RAY_CLUSTER_SPEC},
-            "additionalProperties": False,
-        },
-    },
-}
+    }
+
+
+RAYJOB_SCHEMA = _kuberay_resource("RayJob", ["entrypoint", "rayClusterSpec"], {
+    "entrypoint": {"type": "string", "minLength": 1},
+    "submissionMode": {"enum": ["K8sJobMode", "HTTPMode", "InteractiveMode", "SidecarMode"]},
+    "shutdownAfterJobFinishes": {"type": "boolean"},
+    "ttlSecondsAfterFinished": {"type": "integer", "minimum": 0},
+    "activeDeadlineSeconds": {"type": "integer", "minimum": 1},
+    "backoffLimit": {"type": "integer", "minimum": 0},
+    "runtimeEnvYAML": {"type": "string"},
+    "rayClusterSpec": _RAY_CLUSTER_SPEC,
+})
+RAYSERVICE_SCHEMA = _kuberay_resource("RayService", ["serveConfigV2", "rayClusterConfig"], {
+    "serveConfigV2": {"type": "string"}, "rayClusterConfig": _RAY_CLUSTER_SPEC,
+})
 # The part of Serve's config file format (serve/production-guide/config) that serveConfigV2 uses.
 SERVE_CONFIG_SCHEMA = {
     "type": "object",

@@ -6,51 +6,12 @@ import logging
 
 import pytest
 import torch
+from _helpers_engine import byte_token, chain_model, prompt_for, tool_chain
 
 from nanochat.detok import IncrementalDetokenizer, StopMatcher
 from nanochat.engine import ContextLengthError, Engine, EngineError, SamplingParams, sample_token
 from nanochat.prefix_cache import PrefixCache
 from nanochat.tools import use_calculator
-
-
-@pytest.fixture
-def tok(tiny_tokenizer):
-    return tiny_tokenizer
-
-
-@pytest.fixture
-def model(tiny_model_factory):
-    return tiny_model_factory(seed=0, n_layer=2, n_embd=64, seq=128)
-
-
-def byte_token(tok, ch: str) -> int:
-    return tok.enc.encode_single_token(ch.encode())
-
-
-def prompt_for(tok, text: str) -> list[int]:
-    return tok.encode(text, prepend=tok.get_bos_token_id())
-
-
-def scripted_model(factory, tok, chain: list[int]):
-    """A real GPT whose weights make it predict ``chain[i + 1]`` after ``chain[i]``.
-
-    Zeroing the attention/MLP output projections makes every block the identity, so the final
-    hidden state is ``norm(wte[current token])``; setting ``lm_head[next]`` to that vector scores
-    the successor at |h|² = n_embd while other tokens score ~N(0, n_embd) (argmax is certain).
-    """
-    sources = chain[:-1]
-    assert len(set(sources)) == len(sources), "each token of the script may lead to one successor"
-    m = factory(seed=1, n_layer=2, n_embd=64, seq=128)
-    with torch.no_grad():
-        for block in m.transformer.h:
-            block.attn.c_proj.weight.zero_()
-            block.mlp.c_proj.weight.zero_()
-        m.lm_head.weight.zero_()
-        hidden = torch.nn.functional.rms_norm(m.transformer.wte.weight, (m.config.n_embd,))
-        for cur, nxt in zip(chain[:-1], chain[1:]):
-            m.lm_head.weight[nxt] += hidden[cur]
-    return m
-
 
 # ---- KV cache and greedy decoding ----------------------------------------------------------------
 
@@ -172,7 +133,7 @@ def test_sampling_params_reject_invalid_values(bad):
 def test_assistant_end_stops_with_reason_stop(tiny_model_factory, tok):
     prompt = prompt_for(tok, "hi")
     chain = [prompt[-1], byte_token(tok, "x"), byte_token(tok, "y"), tok.encode_special("<|assistant_end|>")]
-    m = scripted_model(tiny_model_factory, tok, chain)
+    m = chain_model(tiny_model_factory, chain)
     events = [
         e
         for step in Engine(m, tok).generate(prompt, SamplingParams(max_tokens=20, temperature=0))
@@ -186,7 +147,7 @@ def test_assistant_end_stops_with_reason_stop(tiny_model_factory, tok):
 
 def test_bos_token_also_stops(tiny_model_factory, tok):
     prompt = prompt_for(tok, "hi")
-    m = scripted_model(tiny_model_factory, tok, [prompt[-1], byte_token(tok, "z"), tok.get_bos_token_id()])
+    m = chain_model(tiny_model_factory, [prompt[-1], byte_token(tok, "z"), tok.get_bos_token_id()])
     done = Engine(m, tok).generate_batch(prompt, SamplingParams(max_tokens=20, temperature=0))[0]
     assert (done.text, done.finish_reason) == ("z", "stop")
 
@@ -194,7 +155,7 @@ def test_bos_token_also_stops(tiny_model_factory, tok):
 def test_stop_string_truncates_text_and_never_streams_it(tiny_model_factory, tok):
     prompt = prompt_for(tok, "hi")
     chain = [prompt[-1]] + [byte_token(tok, c) for c in "ab,STOPnow"]
-    m = scripted_model(tiny_model_factory, tok, chain)
+    m = chain_model(tiny_model_factory, chain)
     events = [
         e
         for s in Engine(m, tok).generate(prompt, SamplingParams(max_tokens=30, temperature=0, stop=["STOP"]))
@@ -225,17 +186,11 @@ def test_stop_matcher_holds_back_partial_matches():
 # ---- tool use ------------------------------------------------------------------------------------
 
 
-def tool_chain(tok, prompt: list[int], expr: str) -> list[int]:
-    sp = tok.encode_special
-    body = [byte_token(tok, c) for c in expr]
-    return [prompt[-1], sp("<|python_start|>"), *body, sp("<|python_end|>"), sp("<|assistant_end|>")] + []
-
-
 def test_python_block_gets_calculator_output_injected(tiny_model_factory, tok):
     sp = tok.encode_special
     prompt = prompt_for(tok, "hi")
     chain = tool_chain(tok, prompt, "7*6")
-    m = scripted_model(tiny_model_factory, tok, chain)
+    m = chain_model(tiny_model_factory, chain)
     with torch.no_grad():  # after the injected output the model ends the turn
         m.lm_head.weight[sp("<|assistant_end|>")] += torch.nn.functional.rms_norm(
             m.transformer.wte.weight[sp("<|output_end|>")], (64,)
@@ -253,7 +208,7 @@ def test_python_block_gets_calculator_output_injected(tiny_model_factory, tok):
 def test_refused_python_block_injects_nothing(tiny_model_factory, tok):
     prompt = prompt_for(tok, "hi")
     chain = tool_chain(tok, prompt, "o.s")  # an attribute access: refused by the calculator
-    m = scripted_model(tiny_model_factory, tok, chain)
+    m = chain_model(tiny_model_factory, chain)
     done = Engine(m, tok).generate_batch(prompt, SamplingParams(max_tokens=30, temperature=0))[0]
     assert done.tokens == chain[1:-1] and done.finish_reason == "stop"
     off = Engine(m, tok).generate_batch(
@@ -346,7 +301,7 @@ def test_streaming_never_emits_half_a_code_point(tiny_model_factory, tok):
         *[tok.enc.encode_single_token(bytes([b])) for b in raw],
         tok.encode_special("<|assistant_end|>"),
     ]
-    m = scripted_model(tiny_model_factory, tok, chain)
+    m = chain_model(tiny_model_factory, chain)
     events = [
         e for s in Engine(m, tok).generate(prompt, SamplingParams(max_tokens=30, temperature=0)) for e in s
     ]

@@ -7,6 +7,7 @@ import logging
 
 import pytest
 import torch
+from _helpers_engine import prompt_for
 
 from nanochat.engine import Engine, SamplingParams
 from nanochat.engine_decode import decode_forward, resolve_compile
@@ -20,18 +21,8 @@ TEXTS = [
 GREEDY = SamplingParams(max_tokens=12, temperature=0)
 
 
-@pytest.fixture
-def tok(tiny_tokenizer):
-    return tiny_tokenizer
-
-
-@pytest.fixture
-def model(tiny_model_factory):
-    return tiny_model_factory(seed=0, n_layer=2, n_embd=64, seq=128)
-
-
 def prompts_for(tok, texts) -> list[list[int]]:
-    return [tok.encode(t, prepend=tok.get_bos_token_id()) for t in texts]
+    return [prompt_for(tok, t) for t in texts]
 
 
 def greedy_ids(engine: Engine, prompts: list[list[int]], params: SamplingParams = GREEDY) -> list[list[int]]:

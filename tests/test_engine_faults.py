@@ -7,30 +7,12 @@ in a run without the fault.
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
+from _helpers_engine import chain_model, drain, outcome, poison, prompt_for, tool_chain
 
 from nanochat.engine import Engine, EngineError, SamplingParams, sample_token
 from nanochat.sampling import GREEDY_BELOW, SamplingError
-
-sys.path.insert(0, str(Path(__file__).parent))
-from _helpers_engine import drain, outcome, poison  # noqa: E402
-from test_engine import prompt_for, scripted_model, tool_chain  # noqa: E402
-
-
-@pytest.fixture
-def tok(tiny_tokenizer):
-    return tiny_tokenizer
-
-
-@pytest.fixture
-def model(tiny_model_factory):
-    return tiny_model_factory(seed=0, n_layer=2, n_embd=64, seq=128)
-
-
 
 EXTREME_TEMPERATURES = [1e-40, 1e-8, GREEDY_BELOW, 1e-3, 0.7, 2.0, 100.0, 1e30]
 
@@ -224,7 +206,7 @@ def test_tool_failure_fails_only_the_sequence_that_ran_the_tool(tiny_model_facto
 
     prompt = prompt_for(tok, "hi")
     chain = tool_chain(tok, prompt, "7*6")
-    m = scripted_model(tiny_model_factory, tok, chain)
+    m = chain_model(tiny_model_factory, chain)
 
     def broken_calculator(expr):
         raise ZeroDivisionError(f"injected calculator fault on {expr!r}")

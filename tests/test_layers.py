@@ -26,7 +26,8 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("cli", ("nanochat.cli", "nanochat.commands")),
     ("orchestration", ("nanochat.pipeline", "nanochat.tune")),
     ("stages", ("nanochat.train", "nanochat.rl", "nanochat.eval", "nanochat.serve", "nanochat.interop",
-                "nanochat.report", "nanochat.ray_utils", "nanochat.metrics_export")),
+                "nanochat.report", "nanochat.ray_utils", "nanochat.ray_console", "nanochat.ray_stop",
+                "nanochat.metrics_export")),
     ("data", ("nanochat.data",)),
     ("tasks", ("nanochat.tasks",)),
     ("tokenizer jobs", ("nanochat.tokenizer_train", "nanochat.tokenizer_eval")),
@@ -46,7 +47,7 @@ ABOVE_DATA = tuple(entry for _, entries in LAYERS[: [n for n, _ in LAYERS].index
 RESTRICTED = {
     "argparse": CLI,
     "ray": ABOVE_DATA,
-    "deepspeed": ("nanochat.train",),
+    "deepspeed": ("nanochat.train", "nanochat.rl"),  # the training stages: pretrain/mid/SFT and RL learners
     "fastapi": ("nanochat.serve",),
     "starlette": ("nanochat.serve",),
 }

@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+from _helpers_engine import prompt_for
 
 from nanochat.engine import Engine, SamplingParams
 
@@ -17,14 +18,10 @@ def model(tiny_model_factory):
     return tiny_model_factory(seed=3)
 
 
-def _prompt(tok, text: str) -> list[int]:
-    return [tok.get_bos_token_id()] + tok.encode(text)
-
-
 def test_greedy_chosen_token_logprob_is_the_max_of_its_top_logprobs(model, tiny_tokenizer):
     engine = Engine(model, tiny_tokenizer)
     params = SamplingParams(max_tokens=12, temperature=0.0, logprobs=5, use_tools=False)
-    events = [e for batch in engine.generate(_prompt(tiny_tokenizer, "hello world"), params) for e in batch]
+    events = [e for batch in engine.generate(prompt_for(tiny_tokenizer, "hello world"), params) for e in batch]
     assert events
     for ev in events:
         assert ev.logprob is not None and ev.logprob.token_id == ev.token_id
@@ -35,7 +32,7 @@ def test_greedy_chosen_token_logprob_is_the_max_of_its_top_logprobs(model, tiny_
 
 
 def test_token_logprobs_equal_log_softmax_of_a_full_forward_before_temperature(model, tiny_tokenizer):
-    prompt = _prompt(tiny_tokenizer, "the cat sat")
+    prompt = prompt_for(tiny_tokenizer, "the cat sat")
     engine = Engine(model, tiny_tokenizer)
     params = SamplingParams(max_tokens=6, temperature=1.7, top_k=3, seed=5, logprobs=2, use_tools=False)
     events = [e for batch in engine.generate(prompt, params) for e in batch]
@@ -49,7 +46,7 @@ def test_token_logprobs_equal_log_softmax_of_a_full_forward_before_temperature(m
 
 
 def test_echoed_prompt_logprobs_equal_a_direct_forward_pass_across_prefill_chunks(model, tiny_tokenizer):
-    prompt = _prompt(tiny_tokenizer, "def add(a, b):\n    return a + b\n" * 2)
+    prompt = prompt_for(tiny_tokenizer, "def add(a, b):\n    return a + b\n" * 2)
     engine = Engine(model, tiny_tokenizer, prefill_chunk=7)  # several chunks: boundaries must line up
     params = SamplingParams(max_tokens=1, temperature=0.0, logprobs=3, prompt_logprobs=True)
     engine.generate_many([prompt[:5]], SamplingParams(max_tokens=2, temperature=0.0))  # warm the prefix cache
@@ -66,8 +63,8 @@ def test_echoed_prompt_logprobs_equal_a_direct_forward_pass_across_prefill_chunk
 
 def test_requests_without_logprobs_get_none_in_a_batch_with_one_that_asked(model, tiny_tokenizer):
     engine = Engine(model, tiny_tokenizer)
-    a = engine.add(_prompt(tiny_tokenizer, "hello"), SamplingParams(max_tokens=4, temperature=0.0, logprobs=0))
-    b = engine.add(_prompt(tiny_tokenizer, "world"), SamplingParams(max_tokens=4, temperature=0.0))
+    a = engine.add(prompt_for(tiny_tokenizer, "hello"), SamplingParams(max_tokens=4, temperature=0.0, logprobs=0))
+    b = engine.add(prompt_for(tiny_tokenizer, "world"), SamplingParams(max_tokens=4, temperature=0.0))
     seen = {a: [], b: []}
     while engine.has_work():
         for ev in engine.step():

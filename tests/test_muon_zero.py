@@ -23,6 +23,7 @@ from _helpers_train import tiny_overrides, token_datasets, token_rows
 
 from nanochat.config import ConfigError, TrainSettings, load_preset
 from nanochat.model import GPTConfig, build_model
+from nanochat.train.compiled_ops import load_compiled_ops
 from nanochat.train.optim import MuonAdamW, attach_zero, build_optimizer, muon_adamw_groups, set_lr
 from nanochat.train.schedule import muon_momentum
 
@@ -96,6 +97,7 @@ def _engine(config: Config, vocab: int):
     settings = TrainSettings(**SETTINGS, zero_stage=config.zero_stage, offload_optimizer=config.offload,
                              optimizer=config.optimizer)
     client, _ = build_optimizer(model := _model(vocab), settings, torch.float32)
+    load_compiled_ops()  # never waits on a build lock a killed process left
     engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=client,
                                                    config=deepspeed_config(settings, 1, None))
     attach_zero(optimizer)

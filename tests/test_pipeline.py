@@ -30,8 +30,10 @@ E2E_OVERRIDES = [
     "pretrain.num_iterations=40", "pretrain.eval_every=20", "pretrain.save_every=20", "pretrain.eval_tokens=16384",
     "midtrain.num_iterations=20", "midtrain.eval_every=10", "midtrain.eval_tokens=8192",
     "sft.num_iterations=24", "sft.eval_every=12", "sft.save_every=6", "sft.eval_tokens=4096",
-    "eval.core_max_per_task=8", "eval.chat_max_problems=8", "eval.max_new_tokens=32",
+    "eval.core_max_per_task=4", "eval.chat_max_problems=8", "eval.max_new_tokens=32",
     "mixture.val_max=64",
+    "rl.num_iterations=4", "rl.num_samples=4", "rl.questions_per_step=8", "rl.eval_every=-1",
+    "rl.eval_questions=16", "rl.save_every=2",
 ]
 
 
@@ -160,17 +162,26 @@ def test_main_command_runs_every_stage_resumes_after_a_crash_in_sft_and_skips_wh
 
 @pytest.mark.slow
 @pytest.mark.timeout(1800)
-def test_pipeline_ray_job_submit_against_a_started_head_node(tmp_path):
+def test_pipeline_ray_job_submit_against_a_started_head_node_shows_the_job_and_its_train_run(tmp_path):
+    """The pipeline job (ray_jobs/pipeline.py) through `ray job submit`, up to pretraining (the rest of the
+    pipeline is the main-command test's); the head's dashboard lists the job and Train's run of it."""
+    import httpx
+    from ray._private.authentication.http_token_authentication import get_auth_headers_if_auth_enabled
+
     base = tmp_path / "nanochat"
     env = job_env(base)
-    minimal = [*E2E_OVERRIDES, "pretrain.num_iterations=4", "pretrain.eval_every=2", "pretrain.save_every=-1",
-               "midtrain.num_iterations=2", "sft.num_iterations=2", "sft.save_every=-1",
-               "eval.core_max_per_task=2", "eval.chat_max_problems=2"]
+    minimal = [*E2E_OVERRIDES, "pretrain.num_iterations=4", "pretrain.eval_every=2", "pretrain.save_every=-1"]
     with ray_head(env, tmp_path / "head.log") as address:
-        job = submit_job(address, env, ["python", "ray_jobs/pipeline.py", "--preset", "tiny", *_set_args(minimal)],
-                         timeout=1500)
-    out = job.stdout + job.stderr
-    assert job.returncode == 0, out[-5000:]
-    assert "succeeded" in out
-    assert (base / "report" / "report.md").exists()
-    assert all(s["status"] == "done" for s in _stages(base).values())
+        job = submit_job(address, env, ["python", "ray_jobs/pipeline.py", "--preset", "tiny", "--stop-after",
+                                        "pretrain", *_set_args(minimal)], timeout=1500)
+        out = job.stdout + job.stderr
+        assert job.returncode == 0, out[-5000:]
+        headers = get_auth_headers_if_auth_enabled({})
+        jobs = httpx.get(f"{address}/api/jobs/", headers=headers, timeout=30).json()
+        runs = httpx.get(f"{address}/api/train/v2/runs/v1", headers=headers, timeout=30).json()["train_runs"]
+    assert "succeeded" in out and "pretrain  finished in" in out  # the stage lines reach `ray job logs`
+    assert any(j["entrypoint"].startswith("python ray_jobs/pipeline.py") for j in jobs), jobs
+    assert [r["status"] for r in runs if r["name"] == "base-d4"] == ["FINISHED"], runs
+    assert (base / "checkpoints" / "base" / "d4").is_dir()
+    stages = _stages(base)
+    assert all(stages[s]["status"] == "done" for s in STAGE_NAMES[: STAGE_NAMES.index("pretrain") + 1]), stages

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -99,7 +100,7 @@ def test_gpu_presets_default_to_gsm8k_and_tiny_to_arithmetic():
 
 
 def test_pass_at_k_and_group_stats_on_a_hand_made_step():
-    from nanochat.rl.run import group_stats, pass_at_k
+    from nanochat.rl.loop import group_stats, pass_at_k
 
     groups = _groups([[0.0, 1.0], [0.0, 0.0], [1.0, 1.0], [1.0, 0.0]])
     assert pass_at_k(groups, 2) == {"eval/pass@1": 0.5, "eval/pass@2": 0.75, "eval/reward_mean": 0.5}
@@ -129,7 +130,124 @@ def test_rollout_masks_the_prompt_and_keeps_the_end_of_turn_token(tiny_model_fac
             assert end not in s.tokens[len(prompt):-1]
 
 
-# ---- slow: a real RL run on Ray (learner actor + rollout actors) that learns, interrupted and resumed ----
+@pytest.fixture(scope="module")
+def gloo_world_of_one(tmp_path_factory):
+    """A one-process gloo group in this process, so the DeepSpeed learner runs here as in a Ray Train worker."""
+    import os
+
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        yield
+        return
+    env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "0"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path_factory.mktemp('gloo') / 'store'}", rank=0,
+                            world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def test_the_deepspeed_learner_takes_the_formulas_step_and_resumes_exactly(gloo_world_of_one, tiny_model_factory,
+                                                                           tiny_tokenizer, tmp_path):
+    from nanochat.checkpoint import read_meta, save_checkpoint
+    from nanochat.config import load_preset
+    from nanochat.rl.learner import Learner, batch_rows, learner_settings, optimizer_dir
+    from nanochat.train.optim import build_optimizer
+
+    model = tiny_model_factory()
+    src = save_checkpoint(tmp_path / "sft" / "step_000000", model, model.config, tiny_tokenizer, "sft", 0)
+    preset = load_preset("tiny", ["rl.optimizer=adamw", "rl.device_batch_size=4"])
+    groups = _groups([[1.0, 0.0, 0.0, 1.0], [1.0, 1.0, 1.0, 1.0], [0.0, 0.0, 1.0, 0.0]])
+    learner = Learner(src, preset.rl, preset.sft, torch.device("cpu"))
+    out = learner.train_step(groups, num_iterations=10)  # 8 live rows: two micro-batches, one optimizer step
+    assert out["weights_version"] == 1 and out["live_rows"] == 8 and out["lr_mult"] == 1.0
+    # the same step by hand: the whole batch at once, the shared optimizer groups, no DeepSpeed
+    plain = tiny_model_factory()
+    opt, _ = build_optimizer(plain, learner_settings(preset.rl, preset.sft), torch.float32)
+    x, y, mask, adv = batch_rows(groups, pad_id=tiny_tokenizer.get_bos_token_id())
+    loss = reinforce_loss(token_logprobs(plain(x), y), mask, adv)
+    loss.backward()
+    opt.step()
+    assert out["loss"] == pytest.approx(loss.item(), rel=1e-5)
+    for name, value in plain.state_dict().items():  # AdamW's first step moves each weight by ~lr (3e-3)
+        torch.testing.assert_close(learner.weights()[name], value, rtol=1e-4, atol=3e-5)
+    # checkpoint at step 1, then a resumed learner's step 2 equals the uninterrupted one's
+    path = learner.save(tmp_path / "rl", "t")
+    assert read_meta(path)["extra"]["rl"] == {"step": 1, "weights_version": 1, "questions_seen": 3,
+                                              "learner_workers": 1}
+    learner.train_step(groups, num_iterations=10)
+    resumed = Learner(path, preset.rl, preset.sft, torch.device("cpu"))
+    resumed.restore(optimizer_dir(tmp_path / "rl", 1), 1, 1, 3, 1)
+    assert resumed.train_step(groups, num_iterations=10)["weights_version"] == 2
+    for name, value in learner.weights().items():
+        torch.testing.assert_close(resumed.weights()[name], value)
+
+
+def _learner_rank(rank: int, world: int, store: str, src: str, out: str, zero_stage: int) -> None:
+    """One rank of a data-parallel learner: one step on _DP_REWARDS' groups; rank 0 saves loss and weights."""
+    import os
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from nanochat.config import load_preset
+    from nanochat.rl.learner import Learner
+
+    os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "0"})
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
+                            timeout=timedelta(minutes=5))
+    preset = load_preset("tiny", ["rl.optimizer=adamw", "rl.device_batch_size=2", f"sft.zero_stage={zero_stage}"])
+    learner = Learner(src, preset.rl, preset.sft, torch.device("cpu"), rank, world)
+    loss = learner.train_step(_groups(_DP_REWARDS), num_iterations=10)["loss"]
+    weights = learner.weights()
+    if rank == 0:
+        torch.save({"loss": loss, "weights": weights}, out)
+    dist.barrier()
+    dist.destroy_process_group()
+    os._exit(0)  # gloo sometimes aborts at interpreter exit (ray-on-this-machine pitfall 7)
+
+
+# 5 live rows (the all-equal group has none): with device_batch_size 2, rank 0 gets 3 rows (2 micro-batches)
+# and rank 1 gets 2 (1 micro-batch + a one-token forward that keeps ZeRO-3's gathers in lockstep)
+_DP_REWARDS = [[1.0, 0.0, 0.0], [1.0, 1.0, 1.0], [0.0, 1.0, 1.0]]
+
+
+@pytest.mark.slow
+def test_a_two_worker_zero3_learner_takes_the_formulas_step(tiny_model_factory, tiny_tokenizer, tmp_path):
+    import torch.multiprocessing as mp
+
+    from nanochat.checkpoint import save_checkpoint
+    from nanochat.config import load_preset
+    from nanochat.rl.learner import batch_rows, learner_settings
+    from nanochat.train.optim import build_optimizer
+
+    model = tiny_model_factory()
+    src = str(save_checkpoint(tmp_path / "sft" / "step_000000", model, model.config, tiny_tokenizer, "sft", 0))
+    mp.spawn(_learner_rank, args=(2, str(tmp_path / "store"), src, str(tmp_path / "out.pt"), 3), nprocs=2, join=True)
+    two = torch.load(tmp_path / "out.pt", weights_only=False)
+    preset = load_preset("tiny", ["rl.optimizer=adamw"])
+    opt, _ = build_optimizer(model, learner_settings(preset.rl, preset.sft), torch.float32)
+    x, y, mask, adv = batch_rows(_groups(_DP_REWARDS), pad_id=tiny_tokenizer.get_bos_token_id())
+    loss = reinforce_loss(token_logprobs(model(x), y), mask, adv)
+    loss.backward()
+    opt.step()
+    assert two["loss"] == pytest.approx(loss.item(), abs=1e-6)  # float32 sums in another order
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(two["weights"][name], value, rtol=1e-4, atol=3e-5)
+
+
+# ---- slow: a real RL run on Ray (Ray Train learner + rollout actors) that learns, interrupted and resumed ----
 
 SFT_STEPS = 100
 RL_OVERRIDES = ["rl.task=arithmetic", "rl.num_samples=8", "rl.questions_per_step=16", "rl.max_new_tokens=12",
@@ -170,6 +288,17 @@ def _sft_on_arithmetic(tokenizer, steps: int, hash_share: float = 0.25):
     return model, config
 
 
+@contextlib.contextmanager
+def _one_thread():
+    """Small in-process torch work while Ray's processes share the 2 cores: 2 threads ran it ~25x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def rl_run(tiny_tokenizer, ray_session, tmp_path_factory):
     """SFT briefly, then RL to step 10 (stopped), then a rerun that resumes and finishes at step 30."""
@@ -178,7 +307,8 @@ def rl_run(tiny_tokenizer, ray_session, tmp_path_factory):
     from nanochat.rl.run import train_rl
 
     base = tmp_path_factory.mktemp("rl_base")
-    model, config = _sft_on_arithmetic(tiny_tokenizer, SFT_STEPS)
+    with _one_thread():
+        model, config = _sft_on_arithmetic(tiny_tokenizer, SFT_STEPS)
     save_checkpoint(checkpoint_dir("sft", "d2", SFT_STEPS, base), model, config, tiny_tokenizer, "sft", SFT_STEPS)
     preset = load_preset("tiny", RL_OVERRIDES)
     first = train_rl(preset, stop_at_step=10, base=base)
@@ -215,6 +345,29 @@ def test_an_interrupted_rl_run_resumes_at_the_same_step_and_weights_version(rl_r
     assert [r["weights_version"] for r in records if "reward/mean" in r] == steps
     meta = read_meta(second.checkpoint)
     assert resolve_checkpoint("rl", base=base) == Path(second.checkpoint)  # `nanochat eval chat --checkpoint rl`
-    assert meta["stage"] == "rl" and meta["extra"]["rl"] == {"step": 30, "weights_version": 30, "questions_seen": 480}
+    assert meta["stage"] == "rl" and meta["extra"]["rl"] == {"step": 30, "weights_version": 30, "questions_seen": 480,
+                                                              "learner_workers": 1}
     assert sorted(p.name for p in (base / "checkpoints" / "rl" / "d2" / "optim").iterdir()) == [
-        "step_000010.pt", "step_000020.pt", "step_000030.pt"]
+        "step_000010", "step_000020", "step_000030"]  # DeepSpeed's optimizer state of each kept checkpoint
+    assert all(r["learner_workers"] == 1 for r in records if "reward/mean" in r)
+
+
+@pytest.mark.slow
+def test_eval_chat_on_the_rl_checkpoint_fills_the_reports_rl_column(rl_run, monkeypatch):
+    from nanochat.cli import main
+    from nanochat.report import build_report, collect, summary_rows
+
+    base, _, second, _ = rl_run
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(base))
+    with _one_thread():
+        assert main(["eval", "chat", "--checkpoint", "rl", "--tasks", "ARC-Easy,GSM8K", "--max-problems", "4",
+                     "--max-new-tokens", "8", "--num-actors", "0"]) == 0
+    results = json.loads((base / "eval" / "rl" / "d2" / "results.json").read_text())
+    assert results["checkpoint"] == second.checkpoint
+    assert {name: t["num_examples"] for name, t in results["tasks"].items()} == {"ARC-Easy": 4, "GSM8K": 4}
+    rows = {row[0]: row[1:] for row in summary_rows(collect(base))}  # columns BASE, MID, SFT, RL
+    assert isinstance(rows["ARC-Easy"][3], float) and isinstance(rows["GSM8K"][3], float)
+    assert rows["ARC-Easy"][:3] == [None, None, None]  # nothing else ran in this base dir
+    report = build_report(root=base).read_text()
+    assert "## Chat RL" in report and "held-out pass@1 (first → last)" in report
+    assert f"| ARC-Easy | - | - | - | {results['tasks']['ARC-Easy']['accuracy']:.4f} |" in report

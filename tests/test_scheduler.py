@@ -7,16 +7,12 @@ forward hook that raises), never by mocking the engine.
 from __future__ import annotations
 
 import asyncio
-import sys
-from pathlib import Path
 
 import pytest
+from _helpers_engine import poison, prompt_for
 
 from nanochat.engine import Engine, SamplingParams
 from nanochat.serve.scheduler import DONE, UNHEALTHY_AFTER, QueueFull, Scheduler
-
-sys.path.insert(0, str(Path(__file__).parent))
-from _helpers_engine import poison  # noqa: E402
 
 TEXTS = [
     "The quick brown fox", "To be, or not to be", "def add(a, b):", "Numbers 12345", "In the beginning",
@@ -24,20 +20,6 @@ TEXTS = [
     "émojis 🎉 and", "that is the question",
 ]
 TIMEOUT_S = 300  # generous: CI machines are shared; nothing here is timed
-
-
-@pytest.fixture
-def tok(tiny_tokenizer):
-    return tiny_tokenizer
-
-
-@pytest.fixture
-def model(tiny_model_factory):
-    return tiny_model_factory(seed=0, n_layer=2, n_embd=64, seq=128)
-
-
-def prompt_for(tok, text: str) -> list[int]:
-    return tok.encode(text, prepend=tok.get_bos_token_id())
 
 
 async def collect(request) -> list:

@@ -1,6 +1,6 @@
 """Ctrl-C and SIGTERM stop every command that starts Ray, within the bound, leaving nothing running.
 
-Fast tests drive :func:`nanochat.ray_utils.stop_on_signals` (the one helper that `serve`, `run`,
+Fast tests drive :func:`nanochat.ray_stop.stop_on_signals` (the one helper that `serve`, `run`,
 `train`, `eval` and `tune` run under) in small subprocesses; slow ones stop a real `nanochat serve`
 (with a stream in flight) and a real `nanochat train` and take a census of their processes. A
 process belongs to a run if it is in the run's process group, descends from it, or holds a file
@@ -9,6 +9,7 @@ open under the run's own Ray temp dir ($RAY_TMPDIR) — never by name: other Ray
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -18,13 +19,14 @@ import tempfile
 import textwrap
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import psutil
 import pytest
 
-from nanochat.ray_utils import STOP_TIMEOUT_S, stop_on_signals
+from nanochat.ray_stop import STOP_TIMEOUT_S, stop_on_signals
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _helpers_serve import build_tiny_checkpoint, free_port, wait_healthy  # noqa: E402
@@ -108,18 +110,18 @@ def test_every_command_that_starts_ray_runs_under_the_stop_helper(argv, uses_ray
 CHILD = textwrap.dedent(
     """
     import os, subprocess, sys, time
-    from nanochat import ray_utils
+    from nanochat import ray_stop
 
     session, timeout_s = sys.argv[1], float(sys.argv[2])
     hold = "import signal, sys, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); f = open(sys.argv[1], 'w'); time.sleep(600)"
-    ray_utils._ray_running = lambda: os.path.exists(os.path.join(session, "started"))
-    with ray_utils.stop_on_signals(timeout_s):
-        ray_utils._session_dir = session
+    ray_stop._ray_running = lambda: os.path.exists(os.path.join(session, "started"))
+    with ray_stop.stop_on_signals(timeout_s):
+        ray_stop.track_session(session)
         open(os.path.join(session, "started"), "w").close()
         subprocess.Popen([sys.executable, "-c", hold, os.path.join(session, "child.log")])
         orphan = f"import subprocess, sys; subprocess.Popen([sys.executable, '-c', {hold!r}, {session!r} + '/orphan.log'], start_new_session=True)"
         subprocess.run([sys.executable, "-c", orphan], check=True)
-        ray_utils.on_stop(lambda: time.sleep(600))  # a drain that never returns
+        ray_stop.on_stop(lambda: time.sleep(600))  # a drain that never returns
         while not (os.path.exists(os.path.join(session, "child.log")) and os.path.exists(os.path.join(session, "orphan.log"))):
             time.sleep(0.05)
         print("ready", flush=True)
@@ -220,20 +222,50 @@ def serve_base(tmp_path_factory, tiny_tokenizer, tiny_model_factory) -> Path:
     return base
 
 
+@contextlib.contextmanager
+def _command(args: list[str], base: Path, log: Path) -> Iterator[tuple[subprocess.Popen, str]]:
+    """A real ``nanochat`` command in its own process group and Ray temp dir; killed and cleaned up after."""
+    ray_tmp = _ray_tmp()
+    proc = _start(args, base, ray_tmp, log)
+    try:
+        yield proc, ray_tmp
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def _wait_for_line(proc: subprocess.Popen, log: Path, text: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while text not in log.read_text():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            pytest.fail(log.read_text()[-6000:])
+        time.sleep(0.5)
+
+
+def _signal_and_wait(proc: subprocess.Popen, sig: int, to_group: bool) -> float:
+    """Send ``sig`` (to the process group or the pid); seconds until the command exited (bounded)."""
+    (os.killpg if to_group else os.kill)(proc.pid, sig)
+    took = wait_exit(proc, STOP_TIMEOUT_S + SLACK_S)
+    print(f"stopped {took:.1f} s after the signal")
+    return took
+
+
+def _assert_nothing_left(proc: subprocess.Popen, before: dict, ray_tmp: str, took: float) -> None:
+    time.sleep(1)
+    left = alive(before.values()) + alive(census(proc.pid, ray_tmp).values())
+    assert not left, f"left running {took:.1f} s after the signal: {left}"
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("sig, to_group", [(signal.SIGINT, True), (signal.SIGTERM, False)],
                          ids=["ctrl-c-to-the-group", "kill-pid"])
 def test_nanochat_serve_stops_within_the_bound_ending_streams_and_leaving_nothing(serve_base, tmp_path, sig, to_group):
     if os.environ.get("RAY_ADDRESS"):
         pytest.skip("starts its own local Ray; unset RAY_ADDRESS")
-    port, ray_tmp, log = free_port(), _ray_tmp(), tmp_path / "serve.log"
-    proc = _start(["serve", "--port", str(port)], serve_base, ray_tmp, log)
-    try:
-        deadline = time.monotonic() + 240
-        while "press Ctrl-C to stop" not in log.read_text():  # what the user sees once it is up
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(log.read_text()[-6000:])
-            time.sleep(0.5)
+    port, log = free_port(), tmp_path / "serve.log"
+    with _command(["serve", "--port", str(port)], serve_base, log) as (proc, ray_tmp):
+        _wait_for_line(proc, log, "press Ctrl-C to stop", 240)  # what the user sees once it is up
         wait_healthy(f"http://127.0.0.1:{port}/health", timeout=30)
         before = census(proc.pid, ray_tmp)
         assert len(before) > 5  # the CLI, GCS, raylet, agents, Serve's controller/proxy/replica
@@ -242,21 +274,13 @@ def test_nanochat_serve_stops_within_the_bound_ending_streams_and_leaving_nothin
         client.start()
         assert outcome["first"].wait(60), "the stream never started"
         assert "end" not in outcome, "the stream ended before the signal: make it longer"
-        (os.killpg if to_group else os.kill)(proc.pid, sig)
-        took = wait_exit(proc, STOP_TIMEOUT_S + SLACK_S)
-        print(f"stopped {took:.1f} s after the signal")
+        took = _signal_and_wait(proc, sig, to_group)
         client.join(30)
         text = log.read_text()
         assert proc.returncode == 130, text[-3000:]
         assert "shutting down" in text and "interrupted" in text
         assert outcome.get("end") == "done", outcome  # the in-flight stream finished: [DONE]
-        time.sleep(1)
-        left = alive(before.values()) + alive(census(proc.pid, ray_tmp).values())
-        assert not left, f"left running {took:.1f} s after the signal: {left}"
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-        shutil.rmtree(ray_tmp, ignore_errors=True)
+        _assert_nothing_left(proc, before, ray_tmp, took)
 
 
 @pytest.mark.slow
@@ -264,26 +288,13 @@ def test_nanochat_train_stops_on_ctrl_c_within_the_bound_leaving_nothing(prepare
     """Ray Train installs its own SIGINT handler (abort, then sys.exit): still an interrupt, still bounded."""
     if os.environ.get("RAY_ADDRESS"):
         pytest.skip("starts its own local Ray; unset RAY_ADDRESS")
-    ray_tmp, log = _ray_tmp(), tmp_path / "train.log"
+    log = tmp_path / "train.log"
     overrides = [a for o in tiny_overrides(steps=100_000) for a in ("--set", o)]
-    proc = _start(["train", "pretrain", "--preset", "tiny", "--tag", "stop", "--restart", *overrides],
-                  prepared_tiny_data, ray_tmp, log)
-    try:
-        deadline = time.monotonic() + 300
-        while "base step 0/" not in log.read_text():  # the first report: the workers are training
-            assert proc.poll() is None, log.read_text()[-6000:]
-            assert time.monotonic() < deadline, log.read_text()[-6000:]
-            time.sleep(0.5)
+    args = ["train", "pretrain", "--preset", "tiny", "--tag", "stop", "--restart", *overrides]
+    with _command(args, prepared_tiny_data, log) as (proc, ray_tmp):
+        _wait_for_line(proc, log, "base step 0/", 300)  # the first report: the workers are training
         before = census(proc.pid, ray_tmp)
-        os.killpg(proc.pid, signal.SIGINT)
-        took = wait_exit(proc, STOP_TIMEOUT_S + SLACK_S)
-        print(f"stopped {took:.1f} s after the signal")
+        took = _signal_and_wait(proc, signal.SIGINT, to_group=True)
         text = log.read_text()
         assert proc.returncode == 130 and "interrupted" in text, text[-3000:]
-        time.sleep(1)
-        left = alive(before.values()) + alive(census(proc.pid, ray_tmp).values())
-        assert not left, f"left running {took:.1f} s after the signal: {left}"
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-        shutil.rmtree(ray_tmp, ignore_errors=True)
+        _assert_nothing_left(proc, before, ray_tmp, took)

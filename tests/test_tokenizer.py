@@ -22,11 +22,6 @@ REFERENCE_SPECIALS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def tok(tiny_tokenizer) -> Tokenizer:
-    return tiny_tokenizer
-
-
 def S(tok: Tokenizer, name: str) -> int:
     return tok.encode_special(f"<|{name}|>")
 

@@ -18,6 +18,7 @@ from nanochat.train.compile import (
     eager_seconds,
     resolve_compile,
 )
+from nanochat.train.compiled_ops import load_compiled_ops
 from nanochat.train.optim import build_optimizer, compiled_orthogonalize, orthogonalize, set_lr
 from nanochat.train.schedule import muon_momentum
 
@@ -64,6 +65,7 @@ def _train_losses(tokenizer, compiled: bool, steps: int = 10, **settings) -> tup
     model = build_model(config)
     settings = TrainSettings(device_batch_size=4, total_batch_size=128, matrix_lr=0.05, **settings)
     client_opt, _ = build_optimizer(model, settings, torch.float32)
+    load_compiled_ops()  # never waits on a build lock a killed process left
     engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=client_opt,
                                                    config=deepspeed_config(settings, 1, None))
     if compiled:

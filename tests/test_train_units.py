@@ -224,6 +224,17 @@ def test_a_resumed_pretraining_stream_starts_at_the_checkpoints_row_after_any_nu
         data_position(state, 24, 1)  # a data position from a newer checkpoint than the weights
 
 
+
+def test_an_elastic_resume_with_another_worker_count_keeps_the_global_row_position():
+    from nanochat.train.checkpointing import TrainState, data_position
+
+    two = TrainState(step=4, epoch=0, rows_consumed_per_worker=16, rows_consumed=32, world_size=2)
+    assert data_position(two, 0, 1) == (0, 32, 0)  # one worker left: all 32 rows are behind it
+    assert data_position(two, 32, 1) == (0, 0, 32)  # a rebuilt stream: nothing to drop
+    one = TrainState(step=4, epoch=1, rows_in_epoch=12, rows_consumed_per_worker=40, rows_consumed=40, world_size=1)
+    assert data_position(one, 0, 2) == (1, 6, 0)  # regrown to two: 12 rows of the epoch, 6 each
+
+
 def test_the_train_state_round_trips_through_its_checkpoint_folder(tmp_path):
     from nanochat.train.checkpointing import TrainState, model_dir, read_train_state, write_train_state
 

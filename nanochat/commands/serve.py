@@ -4,7 +4,7 @@ The short path to ``serve run serve_configs/local.yaml``: without ``RAY_ADDRESS`
 embedded local Ray and blocks until Ctrl-C or SIGTERM (the app lives as long as this process); with
 ``RAY_ADDRESS`` it deploys to that cluster and returns unless ``--blocking``. Stopping drains the app
 first (in-flight streams get up to ``DRAIN_S`` to finish), then stops Serve and Ray, all within
-:data:`nanochat.ray_utils.STOP_TIMEOUT_S` (see :func:`nanochat.ray_utils.stop_on_signals`).
+:data:`nanochat.ray_stop.STOP_TIMEOUT_S` (see :func:`nanochat.ray_stop.stop_on_signals`).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Any
 
 from nanochat.commands.config import add_console_args
 from nanochat.common import NanochatError, get_logger
-from nanochat.ray_utils import STOP_TIMEOUT_S
+from nanochat.ray_stop import STOP_TIMEOUT_S, on_stop
 
 log = get_logger(__name__)
 
@@ -105,7 +105,7 @@ def _serve(args: argparse.Namespace) -> int:
     from ray import serve
 
     from nanochat.checkpoint import resolve_checkpoint
-    from nanochat.ray_utils import init_ray, on_stop
+    from nanochat.ray_utils import init_ray
     from nanochat.serve.app import build_app_with
 
     config = _load_config(args.config)

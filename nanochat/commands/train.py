@@ -61,7 +61,8 @@ def _run_rl(args: argparse.Namespace) -> int:
 
     preset = load_preset(args.preset, args.overrides)
     result = train_rl(preset, from_checkpoint=args.from_checkpoint, tag=args.tag, restart=args.restart,
-                      stop_at_step=args.stop_at_step, num_rollout_actors=args.rollout_actors)
+                      stop_at_step=args.stop_at_step, num_rollout_actors=args.rollout_actors,
+                      num_workers=args.num_workers)
     m = result.metrics
     shown = {k: round(m[k], 4) for k in ("reward/mean", "eval/pass@1") if isinstance(m.get(k), float)}
     print(f"rl done: step {m.get('step')} of {result.num_iterations} in {result.wall_seconds:.0f}s, {shown}; "

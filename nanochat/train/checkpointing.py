@@ -114,10 +114,16 @@ def data_position(state: TrainState, dataset_skip_rows: int, world: int) -> tupl
     epoch: pretraining never leaves epoch 0, where that is every row consumed (``rows_in_epoch`` of older
     checkpoints counted from where the rebuilt stream began).
 
+    An elastic run that resumes with another worker count (``state.world_size != world``) keeps the
+    global position: the same number of rows in all, divided among the new workers (exact for a
+    pretraining stream rebuilt by the driver; see docs/training.md, "Elastic training").
+
     Raises:
         RuntimeError: the dataset starts past the checkpoint (the two came from different checkpoints).
     """
     position = state.rows_consumed_per_worker if state.epoch == 0 else state.rows_in_epoch
+    if state.world_size and state.world_size != world:
+        position = position * state.world_size // world
     first_row = dataset_skip_rows // world
     if first_row > position:
         raise RuntimeError(

@@ -46,6 +46,7 @@ from nanochat.train.checkpointing import (
     write_train_state,
 )
 from nanochat.train.compile import compile_stats, compile_training, eager, eager_seconds, resolve_compile
+from nanochat.train.compiled_ops import load_compiled_ops
 from nanochat.train.killpoints import kill_after_copy, kill_if_due
 from nanochat.train.metrics import EMA, Throughput, measure_matmul_flops, peak_flops, peak_rss_mb
 from nanochat.train.optim import attach_zero, build_optimizer, optimizer_metrics, remember_initial_lrs, set_lr
@@ -255,6 +256,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     num_params, flops_per_token = model.num_params(), model.estimate_flops()
     accum = grad_accum_steps(settings.total_batch_size, settings.device_batch_size, seq_len, world)
     client_opt, ds_opt = build_optimizer(model, settings, dtype)
+    load_compiled_ops(("ShareMemCommBuilder", "CPUAdamBuilder") if ds_opt else ("ShareMemCommBuilder",))
     engine, optimizer, _, _ = deepspeed.initialize(
         model=model,
         optimizer=client_opt,
@@ -280,6 +282,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     data = TrainData(ray.train.get_dataset_shard("train"), settings.device_batch_size, device, epoch=epoch,
                      skip_rows=skip_rows, first_row=first_row)
     data.rows_consumed = resumed.rows_consumed_per_worker
+    if resumed.world_size and resumed.world_size != world:  # an elastic resize: the same rows in all, re-divided
+        data.rows_consumed = resumed.rows_consumed_per_worker * resumed.world_size // world
     ema = EMA(0.9)
     if resumed.ema is not None:
         ema.load(resumed.ema)

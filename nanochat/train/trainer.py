@@ -40,6 +40,7 @@ from nanochat.train.resume import (
     run_path,
     storage_root,
 )
+from nanochat.train.scaling import check_elastic, scaling_config, worker_counts
 from nanochat.train.schedule import epoch_iterations, grad_accum_steps, pretrain_iterations
 from nanochat.train.worker_config import ChatEvaluator, WorkerConfig
 
@@ -247,7 +248,9 @@ def train_stage(
     settings = getattr(preset, spec.name)
     world = preset.ray.num_workers
     seq_len = preset.model.sequence_len
-    grad_accum_steps(settings.total_batch_size, settings.device_batch_size, seq_len, world)  # fails early
+    for size in worker_counts(preset):  # every size an elastic run may take keeps the global batch: fails early
+        grad_accum_steps(settings.total_batch_size, settings.device_batch_size, seq_len, size)
+    check_elastic(preset, settings.zero_stage)
 
     from nanochat.model import GPTConfig, config_for_depth
 
@@ -342,7 +345,7 @@ def train_stage(
     trainer = TorchTrainer(
         _worker_entry,
         train_loop_config=cfg.to_loop_config(),
-        scaling_config=ray.train.ScalingConfig(num_workers=world, use_gpu=use_gpu, resources_per_worker=resources),
+        scaling_config=scaling_config(preset, use_gpu, resources),
         run_config=ray.train.RunConfig(
             name=name,
             storage_path=storage,
