@@ -24,6 +24,15 @@ class NanochatError(Exception):
     """
 
 
+def root_cause(err: BaseException) -> str:
+    """The last line of the innermost ``__cause__`` of ``err``: what a wrapped worker failure was really about."""
+    seen = err
+    while seen.__cause__ is not None:
+        seen = seen.__cause__
+    text = str(seen).strip().splitlines()
+    return text[-1] if text else type(seen).__name__
+
+
 _LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 

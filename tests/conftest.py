@@ -148,3 +148,31 @@ def prepared_tiny_data(_prepared_tiny_root, monkeypatch) -> Path:
     """$NANOCHAT_BASE_DIR with the real builtin shards and the tiny preset's tokenizer (built once)."""
     monkeypatch.setenv("NANOCHAT_BASE_DIR", str(_prepared_tiny_root))
     return _prepared_tiny_root
+
+
+@pytest.fixture(scope="session")
+def gloo_world_of_one(tmp_path_factory):
+    """A one-process gloo group in this process, so DeepSpeed's engine runs here as in a Ray Train worker.
+
+    One per session: DeepSpeed keeps the first group it saw (``deepspeed.comm``'s backend), so a group
+    destroyed after one module and created anew for the next fails there ("Group ... is not registered").
+    """
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        yield
+        return
+    env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "0"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    store = tmp_path_factory.mktemp("gloo") / "store"
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

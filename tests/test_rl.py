@@ -130,32 +130,6 @@ def test_rollout_masks_the_prompt_and_keeps_the_end_of_turn_token(tiny_model_fac
             assert end not in s.tokens[len(prompt):-1]
 
 
-@pytest.fixture(scope="module")
-def gloo_world_of_one(tmp_path_factory):
-    """A one-process gloo group in this process, so the DeepSpeed learner runs here as in a Ray Train worker."""
-    import os
-
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        yield
-        return
-    env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "0"}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path_factory.mktemp('gloo') / 'store'}", rank=0,
-                            world_size=1)
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
 def test_the_deepspeed_learner_takes_the_formulas_step_and_resumes_exactly(gloo_world_of_one, tiny_model_factory,
                                                                            tiny_tokenizer, tmp_path):
     from nanochat.checkpoint import read_meta, save_checkpoint

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pytest
 import torch
@@ -27,30 +25,6 @@ from nanochat.train.schedule import muon_momentum
 # steps on the 2-core Xeon. 1e-4 leaves room for other CPUs' vector widths and is still ~10^4 below
 # how far the loss moves in those steps (~4 nats), so a wrong gradient or a skipped update fails.
 LOSS_TOL = 1e-4
-
-
-@pytest.fixture(scope="module")
-def gloo_world_of_one(tmp_path_factory):
-    """A one-process gloo group in this process, so DeepSpeed's engine runs here as in a Ray worker."""
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        yield
-        return
-    env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "0"}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    store = tmp_path_factory.mktemp("gloo") / "store"
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def _train_losses(tokenizer, compiled: bool, steps: int = 10, **settings) -> tuple[list[float], object]:

@@ -29,7 +29,7 @@ from nanochat.checkpoint import (
     read_meta,
     resolve_checkpoint,
 )
-from nanochat.common import NanochatError, atomic_write_text, base_dir, get_logger
+from nanochat.common import NanochatError, atomic_write_text, base_dir, get_logger, root_cause
 from nanochat.config import Preset
 from nanochat.progress import show_training
 from nanochat.rl.loop import StalenessError, group_stats, pass_at_k, question_order, resume_point
@@ -145,7 +145,7 @@ def train_rl(preset: Preset, from_checkpoint: str | None = None, tag: str | None
         with show_training("rl", tag_dir / "metrics.jsonl", num_iterations, start=step, line=lambda r: _progress_line(r, num_iterations)):
             trainer.fit()
     except Exception as err:  # noqa: BLE001 - surface the worker's error as one clear line
-        raise RLError(f"rl failed: {_root_cause(err)} (run dir {tag_dir}; rerun to resume from the latest "
+        raise RLError(f"rl failed: {root_cause(err)} (run dir {tag_dir}; rerun to resume from the latest "
                       "checkpoint)") from err
     finally:  # free the CPUs/GPUs they hold even when a step failed
         for handle in actors:
@@ -198,12 +198,4 @@ def _last_record(path: Path) -> dict[str, Any]:
         except json.JSONDecodeError:
             continue
     return {}
-
-
-def _root_cause(err: BaseException) -> str:
-    seen = err
-    while seen.__cause__ is not None:
-        seen = seen.__cause__
-    text = str(seen).strip().splitlines()
-    return text[-1] if text else type(seen).__name__
 

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from nanochat.checkpoint import CheckpointError, checkpoint_tag, checkpoints_root, find_latest, read_meta
-from nanochat.common import NanochatError, atomic_write_text, base_dir, get_logger
+from nanochat.common import NanochatError, atomic_write_text, base_dir, get_logger, root_cause
 from nanochat.config import Preset, apply_overrides, load_preset
 from nanochat.progress import show_training
 from nanochat.stages import Stage, get_stage
@@ -366,7 +366,7 @@ def train_stage(
         with _follow(spec.name, name, metrics_path, num_iterations, resume_state.step):
             result = trainer.fit()
     except Exception as err:  # noqa: BLE001 - surface worker errors as one clear line
-        raise TrainError(f"{stage} training failed: {_root_cause(err)} (run dir {run}; every worker's log is in "
+        raise TrainError(f"{stage} training failed: {root_cause(err)} (run dir {run}; every worker's log is in "
                          "Ray's log directory printed at start-up, or rerun with -v)") from err
     # Wall-clock time of the whole stage: this fit plus the training time recorded before the resume point.
     wall = time.time() - t0 + resume_state.train_seconds
@@ -437,11 +437,3 @@ def resolve_dtype(setting: str, use_gpu: bool) -> str:
     choice = "bfloat16" if speedup >= CPU_BF16_MIN_SPEEDUP else "float32"
     log.info("dtype auto on CPU: bf16 matmuls run %.1fx fp32 here -> %s", speedup, choice)
     return choice
-
-
-def _root_cause(err: BaseException) -> str:
-    seen = err
-    while seen.__cause__ is not None:
-        seen = seen.__cause__
-    text = str(seen).strip().splitlines()
-    return text[-1] if text else type(seen).__name__
