@@ -70,7 +70,6 @@ def worker_env(base: str | os.PathLike | None = None) -> dict[str, str]:
 API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"
 DASHBOARD_PORT = 8265  # Ray's default; the next free one when taken, as Ray itself does
 NO_API_SERVER = "http://127.0.0.1:1"  # dashboard off: nothing listens on port 1, so queries fail at once
-_api_server_set: str | None = None  # the API_SERVER_ENV value this module put in os.environ
 
 
 def init_ray(num_cpus: int | None = None, quiet: bool = True, base: str | os.PathLike | None = None) -> dict:
@@ -78,8 +77,8 @@ def init_ray(num_cpus: int | None = None, quiet: bool = True, base: str | os.Pat
 
     The local Ray starts the dashboard on 127.0.0.1 (port 8265 or the next free one) unless
     ``NANOCHAT_DASHBOARD=0`` (``--no-dashboard``); its URL and the session's log directory are
-    printed once. With the dashboard, ``RAY_API_SERVER_ADDRESS`` is set to its URL in this process
-    and every worker, so Ray's state API (Train's state actor uses it) reaches this Ray even when
+    printed once. ``RAY_API_SERVER_ADDRESS`` is set to its URL (an unreachable one without a dashboard)
+    in every worker's environment, so Ray's state API (Train's state actor uses it) reaches this Ray even when
     another one runs on the host. ``quiet`` (unless ``NANOCHAT_VERBOSE=1``, ``-v``): workers' output
     stays in those log files and only nanochat's warnings and errors from workers reach the console
     (:mod:`nanochat.ray_console`).
@@ -94,7 +93,6 @@ def init_ray(num_cpus: int | None = None, quiet: bool = True, base: str | os.Pat
         os.environ.setdefault(key, value)
     if ray.is_initialized():
         return ray.cluster_resources()
-    _forget_api_server()  # an earlier embedded Ray of this process is gone
     dashboard = dashboard_enabled()
     if dashboard or os.environ.get("RAY_ADDRESS"):  # a cluster has its own dashboard
         # Train runs appear in the dashboard's Train view only with Train's state actor.
@@ -114,7 +112,9 @@ def init_ray(num_cpus: int | None = None, quiet: bool = True, base: str | os.Pat
         # Without a dashboard there is no state API here: an unreachable address makes Ray's internal
         # queries fail fast instead of asking another Ray on the host, whose "no such actor" made Train's
         # placement-group cleaner remove our training workers' placement group (seen in CI).
-        api_server = _use_api_server(f"http://127.0.0.1:{port}" if port is not None else NO_API_SERVER)
+        # Our workers' environment only: in this process's it would reach its subprocesses, and
+        # `ray job submit --address X` honours RAY_API_SERVER_ADDRESS before its own --address.
+        api_server = f"http://127.0.0.1:{port}" if port is not None else NO_API_SERVER
         env[API_SERVER_ENV], port_chosen = api_server, port is not None
         handler = signal.getsignal(signal.SIGTERM)
         context = ray.init(
@@ -156,20 +156,6 @@ def free_dashboard_port(host: str = "127.0.0.1", first: int = DASHBOARD_PORT, tr
                 continue
             return port
     return None
-
-
-def _use_api_server(url: str) -> str:
-    global _api_server_set
-    os.environ[API_SERVER_ENV] = _api_server_set = url
-    return url
-
-
-def _forget_api_server() -> None:
-    """Drop the address this module set for an earlier Ray of this process (never a user's own)."""
-    global _api_server_set
-    if _api_server_set is not None and os.environ.get(API_SERVER_ENV) == _api_server_set:
-        del os.environ[API_SERVER_ENV]
-    _api_server_set = None
 
 
 def cluster_has_gpus() -> bool:
