@@ -14,6 +14,11 @@ from nanochat.config import ConfigError, Preset
 ELASTIC_RESIZE_S = float(os.environ.get("NANOCHAT_ELASTIC_RESIZE_S", "30"))
 
 
+def is_elastic(preset: Preset) -> bool:
+    """Whether the run may resize: ``min_workers`` set below ``num_workers``."""
+    return preset.ray.min_workers is not None and preset.ray.min_workers < preset.ray.num_workers
+
+
 def worker_counts(preset: Preset) -> list[int]:
     """The worker counts a run may train with: ``num_workers``, or every size from ``min_workers`` up."""
     ray_cfg = preset.ray
@@ -23,7 +28,7 @@ def worker_counts(preset: Preset) -> list[int]:
 
 def check_elastic(preset: Preset, zero_stage: int) -> None:
     """Elastic runs resume with another worker count, which only a world-size-free checkpoint allows."""
-    if preset.ray.min_workers is None or preset.ray.min_workers == preset.ray.num_workers:
+    if not is_elastic(preset):
         return
     if zero_stage > 0:
         raise ConfigError(
@@ -47,7 +52,7 @@ def scaling_config(preset: Preset, use_gpu: bool, resources: dict[str, float]):
     import ray.train
 
     ray_cfg = preset.ray
-    elastic = ray_cfg.min_workers is not None and ray_cfg.min_workers < ray_cfg.num_workers
+    elastic = is_elastic(preset)
     extra = {"elastic_resize_monitor_interval_s": ELASTIC_RESIZE_S} if elastic else {}
     return ray.train.ScalingConfig(
         num_workers=(ray_cfg.min_workers, ray_cfg.num_workers) if elastic else ray_cfg.num_workers,
