@@ -94,12 +94,9 @@ class Learner:
 
     def __init__(self, checkpoint: str | PathLike, rl: RLSettings, sft: TrainSettings, device: torch.device,
                  rank: int = 0, world: int = 1):
-        import deepspeed
         from deepspeed.utils import logger as ds_logger
 
-        from nanochat.train.compiled_ops import load_compiled_ops
-        from nanochat.train.loop import deepspeed_config
-        from nanochat.train.optim import attach_zero, build_optimizer, remember_initial_lrs
+        from nanochat.train.loop import deepspeed_engine
 
         ds_logger.setLevel("WARNING")
         self.device, self.rank, self.world, self.rl = device, rank, world, rl
@@ -107,13 +104,7 @@ class Learner:
         model, self.tokenizer, self.config = ckpt.model, ckpt.tokenizer, ckpt.model.config
         model.train()
         self.settings = learner_settings(rl, sft)
-        client_opt, ds_opt = build_optimizer(model, self.settings, torch.float32)
-        load_compiled_ops(("ShareMemCommBuilder", "CPUAdamBuilder") if ds_opt else ("ShareMemCommBuilder",))
-        self.engine, self.optimizer, _, _ = deepspeed.initialize(
-            model=model, optimizer=client_opt, model_parameters=list(model.parameters()) if ds_opt else None,
-            config=deepspeed_config(self.settings, 1, ds_opt))
-        remember_initial_lrs(self.optimizer)
-        attach_zero(self.optimizer)
+        self.engine, self.optimizer, _ = deepspeed_engine(model, self.settings, torch.float32, 1)
         self.version = 0
         self.step = 0
         self.questions_seen = 0

@@ -66,6 +66,28 @@ SAMPLE_PROMPTS = [
 ]
 
 
+def deepspeed_engine(model, settings: TrainSettings, dtype: torch.dtype, accum: int):
+    """``model`` wrapped by ``deepspeed.initialize`` with the stage's optimizer: ``(engine, optimizer, client_opt)``.
+
+    ``client_opt`` is our optimizer (None when DeepSpeed builds its own AdamW). Loads the compiled ops
+    first (:mod:`nanochat.train.compiled_ops`), records the initial LRs and tells Muon where each
+    matrix lies in ZeRO's flat partitions. Used by the training loop and the RL learner.
+    """
+    import deepspeed
+
+    client_opt, ds_opt = build_optimizer(model, settings, dtype)
+    load_compiled_ops(("ShareMemCommBuilder", "CPUAdamBuilder") if ds_opt else ("ShareMemCommBuilder",))
+    engine, optimizer, _, _ = deepspeed.initialize(
+        model=model,
+        optimizer=client_opt,
+        model_parameters=list(model.parameters()) if ds_opt else None,
+        config=deepspeed_config(settings, accum, ds_opt),
+    )
+    remember_initial_lrs(optimizer)
+    attach_zero(optimizer)  # Muon under ZeRO 1-3: where each matrix lies in the flat partitions
+    return engine, optimizer, client_opt
+
+
 def deepspeed_config(settings: TrainSettings, accum: int, ds_optimizer: dict | None) -> dict[str, Any]:
     """DeepSpeed's JSON config for one stage (fp32 master weights; bf16 comes from autocast)."""
     zero: dict[str, Any] = {"stage": settings.zero_stage}
@@ -221,7 +243,6 @@ def chat_accuracy(evaluate: ChatEvaluator, model, tokenizer, device, autocast, p
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train entry point; ``config`` is a :class:`WorkerConfig`'s ``to_loop_config()`` (built by the driver)."""
     cfg = WorkerConfig.from_loop_config(config)
-    import deepspeed
     import ray.train
     import ray.train.torch
     from deepspeed.utils import logger as ds_logger
@@ -255,16 +276,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         del src
     num_params, flops_per_token = model.num_params(), model.estimate_flops()
     accum = grad_accum_steps(settings.total_batch_size, settings.device_batch_size, seq_len, world)
-    client_opt, ds_opt = build_optimizer(model, settings, dtype)
-    load_compiled_ops(("ShareMemCommBuilder", "CPUAdamBuilder") if ds_opt else ("ShareMemCommBuilder",))
-    engine, optimizer, _, _ = deepspeed.initialize(
-        model=model,
-        optimizer=client_opt,
-        model_parameters=[p for p in model.parameters()] if ds_opt else None,
-        config=deepspeed_config(settings, accum, ds_opt),
-    )
-    remember_initial_lrs(optimizer)
-    attach_zero(optimizer)  # Muon under ZeRO 1-3: where each matrix lies in the flat partitions
+    engine, optimizer, client_opt = deepspeed_engine(model, settings, dtype, accum)
     use_autocast = dtype == torch.bfloat16
 
     def autocast():
