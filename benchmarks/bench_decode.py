@@ -7,8 +7,10 @@ batch 1 and 16 (``--batches``). Tokens/s count decode steps only (the prefill an
 yields are excluded, for every contender alike): ``bare_*`` is a plain loop of model forward +
 argmax through a KV cache (``eager``: the model's own cache; ``compiled``: the engine's
 fixed-shape step under ``torch.compile``), ``engine_*`` our :class:`~nanochat.engine.Engine`
-(sampling, streaming text, stop strings, tool state, slot bookkeeping included). ``same_ids_*``
-checks that every contender produced the same ids.
+(sampling, streaming text, stop strings, tool state, slot bookkeeping included), ``engine_auto_*``
+one engine as a server builds it with ``serve.compile=auto`` (largest batch, ``warmup()``: on CPU
+the batch buckets whose compiled step measures faster run compiled, ``auto_compiled_buckets``).
+``same_ids_*`` checks that every contender produced the same ids.
 
 The model is the ``tiny`` shape (depth 4, n_embd 256, vocab 4096, context 256) with random weights
 (the rows of the special tokens zeroed so no row stops early), or ``--checkpoint DIR``.
@@ -133,6 +135,24 @@ def engine_run(engine: Engine, prompts: list[list[int]], new_tokens: int, clock)
     return produced / seconds, [got[i] for i in ids]
 
 
+def auto_engine(args, model: GPT, tokenizer: Tokenizer, all_rows: dict[int, list[list[int]]], clock) -> dict:
+    """A server's engine as ``serve.compile=auto`` builds it: one engine for the largest batch, ``warmup()``
+    (on CPU: compiles and times each batch bucket, keeps the faster ones), then every batch through it."""
+    torch._dynamo.reset()  # the graphs built above count against dynamo's per-function recompile limit
+    top = max(all_rows)
+    engine = Engine(model, tokenizer, max_batch_size=top, prefill_chunk=top * args.prompt_len,
+                    prefix_cache=False, compile="auto")
+    out: dict = {"auto_warmup_s": round(engine.warmup(), 1),
+                 "auto_compiled_buckets": engine.stats()["decode_compiled_buckets"]}
+    for batch, rows in all_rows.items():
+        eager = Engine(model, tokenizer, max_batch_size=batch, prefill_chunk=batch * args.prompt_len,
+                       prefix_cache=False, compile=False)
+        _, eager_ids = engine_run(eager, rows, args.new_tokens, clock)
+        tok_s, ids = best_of(args.repeat, engine_run, engine, rows, args.new_tokens, clock)
+        out |= {f"engine_auto_tok_s_b{batch}": round(tok_s, 1), f"same_ids_auto_b{batch}": ids == eager_ids}
+    return out
+
+
 def best_of(repeat: int, fn, *args) -> tuple[float, list[list[int]]]:
     runs = [fn(*args) for _ in range(repeat)]
     return max(r[0] for r in runs), runs[0][1]
@@ -246,10 +266,11 @@ def main() -> None:
     gen = torch.Generator().manual_seed(0)
     step = None if args.no_compile else torch.compile(decode_forward, dynamic=False)
     first_prompt = None
+    all_rows: dict[int, list[list[int]]] = {}
     for batch in (int(b) for b in args.batches.split(",")):
         prompts = torch.randint(0, tokenizer.vocab_size - len(SPECIAL_TOKENS), (batch, args.prompt_len), generator=gen)
         first_prompt = first_prompt or prompts[0].tolist()
-        rows = prompts.tolist()
+        rows = all_rows[batch] = prompts.tolist()
         eager = Engine(model, tokenizer, max_batch_size=batch, prefill_chunk=batch * args.prompt_len,
                        prefix_cache=False, compile=False)
         bare_eager(model, prompts, 4, clock)  # warm-up
@@ -277,6 +298,8 @@ def main() -> None:
                        f"engine_compiled_still_compiled_b{batch}": compiled.decode_compiled}
             same = same and ceng_ids == eng_ids and cbare_ids == bare_ids
         result[f"same_ids_b{batch}"] = same
+    if step is not None:
+        result |= auto_engine(args, model, tokenizer, all_rows, clock)
     if args.nanochat_dir and args.nanochat_python:
         nc = nanochat_run(args, model, tokenizer, first_prompt)
         ours = Engine(model, tokenizer, max_batch_size=1, prefix_cache=False, compile=False)
@@ -285,6 +308,8 @@ def main() -> None:
         result |= {"nanochat_engine_tok_s_b1": nc["tok_s"], "nanochat_same_ids_b1": nc["ids"] == our_ids[0],
                    "engine_eager_vs_nanochat_b1": round(result.get("engine_eager_tok_s_b1", 0) / nc["tok_s"], 2),
                    "engine_best_vs_nanochat_b1": round(best_ours / nc["tok_s"], 2)}
+        if "engine_auto_tok_s_b1" in result:
+            result["engine_auto_vs_nanochat_b1"] = round(result["engine_auto_tok_s_b1"] / nc["tok_s"], 2)
     else:
         result["nanochat"] = "skipped: pass --nanochat-dir and --nanochat-python to compare with nanochat's engine"
     if args.memory:

@@ -6,6 +6,8 @@ Everything is measured in the same run, 1 worker, at the ``tiny`` preset's model
 * ``compiled_vs_eager``: our default recipe (Muon + AdamW, ZeRO 0) through the Ray path with
   ``compile: false`` and ``compile: true``, with the smoothed loss after ``--steps`` steps of each
   (same rows in the same order, so the two losses should agree within noise).
+* ``ratio_muon_compiled_vs_plain``: the compiled Muon run against a plain loop with the same optimizer
+  (:class:`MuonAdamW`, Newton-Schulz compiled), measured before and after it.
 * ``ratio_zero{0,2}_vs_plain``: the Ray path (AdamW, ZeRO 0 and 2, compiled) against a plain
   single-process loop on the same model, rows, batch, optimizer and compile setting; the plain loop
   runs before and after the Ray runs and their mean is the baseline (cancels drift on a shared host).
@@ -15,7 +17,8 @@ Everything is measured in the same run, 1 worker, at the ``tiny`` preset's model
   shape (depth 12, 768 wide, vocab 65536, one 2048-token row per step) for N steps.
 
 * ``scale`` (``--sections scale``, or ``all``): 2 workers, ZeRO 2, on a two-node Ray cluster simulated on
-  this host (``ray.cluster_utils.Cluster``: a head and a worker node, 4 + 2 logical CPUs, gloo over TCP):
+  this host (tests/_cluster.py, the multi-node tests' cluster: a head and a worker node started with
+  ``ray start``, 3 + 3 logical CPUs, their own ports and temp dirs; gloo over TCP):
   ``muon_vs_adamw_zero2`` (tok/s and the loss after the run, both workers on one node) and
   ``two_nodes_vs_one_node`` (the Muon run with ``placement_strategy`` STRICT_SPREAD, one worker per node,
   over the same run with STRICT_PACK: the cost of crossing nodes; on one host only the node boundary
@@ -73,8 +76,11 @@ def make_rows(vocab: int, seq: int, n: int, seed: int = 0, tokenizer=None):
 
 
 def plain_loop(model_config, rows, batch: int, steps: int, dtype, compiled: bool, lr: float = 3e-3,
-               warmup: int = 3) -> float:
-    """Tokens/s of a bare loop: model, AdamW, grad clip, the same rows; timed after ``warmup`` steps."""
+               warmup: int = 3, optimizer: str = "adamw") -> float:
+    """Tokens/s of a bare loop: model, optimizer, grad clip, the same rows; timed after ``warmup`` steps.
+
+    ``optimizer``: ``adamw`` (torch's) or ``muon_adamw`` (our recipe, the ``tiny`` preset's learning
+    rates, Newton-Schulz compiled with the model)."""
     import numpy as np
     import torch
 
@@ -86,7 +92,14 @@ def plain_loop(model_config, rows, batch: int, steps: int, dtype, compiled: bool
     model = build_model(model_config, device=device)
     if compiled:
         model.compile(**COMPILE_KWARGS)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), eps=1e-8)
+    if optimizer == "muon_adamw":
+        from nanochat.config import load_preset
+        from nanochat.train.optim import build_optimizer
+
+        opt, _ = build_optimizer(model, load_preset("tiny").pretrain, dtype)
+        opt.compiled = compiled
+    else:
+        opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), eps=1e-8)
     x_all = torch.from_numpy(np.stack([r["inputs"] for r in rows])).long()
     y_all = torch.from_numpy(np.stack([r["targets"] for r in rows])).long()
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if dtype == torch.bfloat16 else nullcontext
@@ -142,26 +155,30 @@ def ray_path(rows, *, depth: int, seq: int, batch: int, head_dim: int, steps: in
     }
 
 
-def scale_section(rows, shape: dict, dtype: str) -> dict:
-    """Muon vs AdamW at ZeRO 2 and one node vs two, 2 workers each, on a two-node cluster on this host."""
+def scale_section(rows, shape: dict, dtype: str, base: Path) -> dict:
+    """Muon vs AdamW at ZeRO 2 and one node vs two, 2 workers each, on a two-node cluster on this host.
+
+    This process joins the cluster as a driver (``RAY_ADDRESS``), as a user's script on a cluster would."""
     import ray
-    from ray.cluster_utils import Cluster
 
-    from nanochat.ray_utils import worker_env
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from _cluster import start_cluster
 
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 4, "resources": {"head_node": 1},
-                                                            "include_dashboard": False})
-    cluster.add_node(num_cpus=2, resources={"worker_node": 1})
-    cluster.wait_for_nodes()
-    ray.init(address=cluster.address, runtime_env={"env_vars": worker_env()}, logging_level="WARNING")
+    from nanochat.ray_utils import init_ray
+
+    ray.shutdown()
+    cluster = start_cluster(Path(tempfile.mkdtemp(prefix="bench-cluster-")), base)
+    os.environ["RAY_ADDRESS"] = cluster.gcs
     try:
+        init_ray(base=base)
         common = {**shape, "dtype": dtype, "zero_stage": 2, "compiled": False, "workers": 2}
         muon = ray_path(rows, **common, tag="bench-scale-muon", placement="STRICT_PACK")
         adamw = ray_path(rows, **common, optimizer="adamw", tag="bench-scale-adamw", placement="STRICT_PACK")
         spread = ray_path(rows, **common, tag="bench-scale-spread", placement="STRICT_SPREAD")
     finally:
         ray.shutdown()
-        cluster.shutdown()
+        del os.environ["RAY_ADDRESS"]
+        cluster.stop()
     steps = shape["steps"]
     return {
         "scale": {"workers": 2, "zero_stage": 2, "compile": False, "tokens_per_step": 2 * shape["batch"] * shape["seq"]},
@@ -222,13 +239,10 @@ def main() -> None:
                         "vocab": tokenizer.vocab_size, "seq": args.seq, "batch": args.batch}}
     out = {**header, **(single_sections(args, config, rows, shape, dtype, dtype_name, cuda, base)
                         if args.sections in ("all", "single") else {})}
-    if args.sections in ("all", "scale"):
-        import ray
-
-        ray.shutdown()  # the scale section starts its own two-node cluster
+    if args.sections in ("all", "scale"):  # joins its own two-node cluster (the local Ray is shut down)
         tokenizer.save(base / "tokenizer")  # the d12 runs replaced it
         scale_rows = make_rows(tokenizer.vocab_size, args.seq, 2 * args.batch * (total + 4), seed=1, tokenizer=tokenizer)
-        out.update(scale_section(scale_rows, shape, dtype_name))
+        out.update(scale_section(scale_rows, shape, dtype_name, base))
     print(json.dumps(out), flush=True)
 
 
@@ -242,7 +256,10 @@ def single_sections(args, config, rows, shape: dict, dtype, dtype_name: str, cud
     init_ray()
 
     muon_eager = ray_path(rows, **shape, dtype=dtype_name, compiled=False, tag="bench-eager")
+    muon_plain_before = plain_loop(config, rows, args.batch, args.steps, dtype, compiled=True, optimizer="muon_adamw")
     muon_compiled = ray_path(rows, **shape, dtype=dtype_name, compiled=True, tag="bench-compiled")
+    muon_plain = (muon_plain_before + plain_loop(config, rows, args.batch, args.steps, dtype, compiled=True,
+                                                 optimizer="muon_adamw")) / 2
     before = plain_loop(config, rows, args.batch, args.steps, dtype, compiled=True)
     ray0 = ray_path(rows, **shape, dtype=dtype_name, optimizer="adamw", compiled=True, tag="bench-z0")
     ray2 = ray_path(rows, **shape, dtype=dtype_name, optimizer="adamw", zero_stage=2, compiled=True, tag="bench-z2")
@@ -254,6 +271,8 @@ def single_sections(args, config, rows, shape: dict, dtype, dtype_name: str, cud
         "compiled_vs_eager": round(muon_compiled["tok_per_sec"] / muon_eager["tok_per_sec"], 3),
         f"loss_after_{total}_eager": round(muon_eager["loss"], 4),
         f"loss_after_{total}_compiled": round(muon_compiled["loss"], 4),
+        "plain_muon_tok_per_sec": round(muon_plain, 1),
+        "ratio_muon_compiled_vs_plain": round(muon_compiled["tok_per_sec"] / muon_plain, 3),
         "plain_tok_per_sec": round(plain, 1), "plain_spread": round(abs(before - after) / plain, 3),
         "ray_zero0_tok_per_sec": round(ray0["tok_per_sec"], 1), "ray_zero2_tok_per_sec": round(ray2["tok_per_sec"], 1),
         "ratio_zero0_vs_plain": round(ray0["tok_per_sec"] / plain, 3),

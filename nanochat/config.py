@@ -147,6 +147,8 @@ class RaySettings(_Strict):
     cpus_per_worker: float = Field(1.0, gt=0)
     max_failures: int = Field(0, ge=-1, description="worker-group restarts from the latest checkpoint after a "
                               "worker or node fails (-1: without limit)")
+    elastic_resize_s: float = Field(30.0, gt=0, description="elastic training: how often (seconds) a running "
+                                    "worker group checks whether more workers fit again (Ray's default: 60)")
     storage_path: str | None = Field(None, description="local dir or pyarrow URI (s3://, gs://); default $BASE/ray_results")
     num_cpus: int | None = Field(None, description="logical CPUs for the embedded local Ray (default: max(4, 2*cores))")
 
@@ -192,7 +194,8 @@ class ServeSettings(_Strict):
     )
     tools: bool = Field(True, description="run the python calculator on <|python_start|>…<|python_end|> (as nanochat)")
     compile: bool | Literal["auto"] = Field(
-        "auto", description="torch.compile the decode step, built at replica start (auto: on GPU replicas only)"
+        "auto", description="torch.compile the decode step, built at replica start (auto: every batch size on GPU; "
+        "on CPU the batch sizes whose compiled step measures faster at start, docs/engine.md)"
     )
 
     @model_validator(mode="before")

@@ -73,8 +73,10 @@ class Engine:
     """Continuous-batching generator over a GPT and its tokenizer (see the module docstring).
 
     ``compile``: ``torch.compile`` the decode step: ``False`` (default: one-off callers such as the CLI
-    chat, evals and training samples would pay the compile for few tokens), ``"auto"`` (on CUDA only:
-    long-running servers), ``True`` (also on CPU). See :mod:`nanochat.engine_decode`.
+    chat, evals and training samples would pay the compile for few tokens), ``"auto"`` (long-running
+    servers: on CUDA every batch size; on CPU :meth:`warmup` keeps the batch sizes where a compiled
+    step measures faster, typically the small ones), ``True`` (every batch size, also on CPU). See
+    :mod:`nanochat.engine_decode`.
     """
 
     def __init__(
@@ -190,6 +192,8 @@ class Engine:
     def warmup(self) -> float:
         """Build the compiled decode step for every batch size now (a no-op when not compiling), so
         the first requests do not pay for it; returns seconds. Call before any request is running.
+        With ``compile="auto"`` on CPU this is also where the batch sizes that run compiled are chosen
+        (by timing both steps; without ``warmup`` such an engine decodes eagerly).
 
         The graphs are built under ``torch.inference_mode`` (how the server's scheduler steps); a
         caller stepping under plain ``no_grad`` triggers one more build per batch size.
@@ -228,6 +232,7 @@ class Engine:
             "seq_errors": self.seq_errors,
             "forward_failures": self.forward_failures,
             "decode_compiled": self.decode_compiled,
+            "decode_compiled_buckets": self._decoder.compiled_buckets if self._decoder is not None else [],
         }
         if self.prefix_cache is not None:
             out["prefix_cache"] = self.prefix_cache.stats()

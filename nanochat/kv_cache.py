@@ -3,7 +3,9 @@
 :class:`KVCache` owns the buffers, ``(n_layer, slots, max_len, n_kv_head, head_dim)`` each, and
 one length per slot. A forward pass receives an object with three methods (``begin`` → positions
 and attention mask, ``write`` per layer → all keys/values to attend to, ``advance`` after the last
-layer); the model (:mod:`nanochat.model`) knows nothing else about it.
+layer); the model (:mod:`nanochat.model`) knows nothing else about it. ``begin``'s positions are a
+(B, T) tensor, or an ``int`` when every row starts at that same position (the common case: the
+model then slices its rotary table and the cache writes a slice, fewer ops per step).
 
 - :class:`KVCache` itself (or ``rows(a, b)``, a view over slots a..b-1) runs any number of new
   tokens per row at the rows' own lengths: prefill, and the plain decode loop of tests/benchmarks.
@@ -45,7 +47,7 @@ class KVCache:
             self.v = torch.zeros(shape, device=device, dtype=dtype)
             self.seqlens = torch.zeros(batch, dtype=torch.long, device=device)
         self.max_len = self.k.shape[2]
-        self._positions: torch.Tensor | None = None
+        self._positions: torch.Tensor | int = 0
         self._used = 0
 
     @property
@@ -64,28 +66,36 @@ class KVCache:
         self.v[:, dst, :length] = self.v[:, src, :length]
         self.seqlens[dst] = length
 
-    def begin(self, num_new: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Prepare one forward of ``num_new`` tokens per row: positions (B, T) and the attention mask."""
-        starts = self.seqlens
-        if int(starts.max()) + num_new > self.max_len:
-            raise ValueError(f"KV cache overflow: {int(starts.max())} + {num_new} > {self.max_len} positions")
-        positions = starts[:, None] + torch.arange(num_new, device=starts.device)[None, :]
-        self._positions = positions
-        self._used = int(starts.max()) + num_new
-        uniform = bool((starts == starts[0]).all())
-        if uniform and num_new == 1:
-            mask = None  # every cached key is visible to the single new query
+    def begin(self, num_new: int) -> tuple[torch.Tensor | int, torch.Tensor | None]:
+        """Prepare one forward of ``num_new`` tokens per row: positions (B, T), or an ``int`` when every
+        row starts at that position, and the attention mask (None for one new token per uniform row)."""
+        starts = self.seqlens.tolist()  # one host read (the lengths are needed on the host anyway)
+        top = max(starts)
+        if top + num_new > self.max_len:
+            raise ValueError(f"KV cache overflow: {top} + {num_new} > {self.max_len} positions")
+        self._used = top + num_new
+        if min(starts) == top:
+            self._positions = top
+            if num_new == 1:
+                return top, None  # every cached key is visible to the single new query
+            positions = torch.arange(top, top + num_new, device=self.seqlens.device)[None, :]
         else:
-            keys = torch.arange(self._used, device=starts.device)
-            mask = keys[None, None, :] <= positions[:, :, None]  # (B, Tq, Tk)
-            mask = mask[:, None]  # broadcast over heads
-        return positions, mask
+            positions = self.seqlens[:, None] + torch.arange(num_new, device=self.seqlens.device)[None, :]
+            self._positions = positions
+        keys = torch.arange(self._used, device=self.seqlens.device)
+        mask = keys[None, None, :] <= positions[:, :, None]  # (B|1, Tq, Tk)
+        return self._positions, mask[:, None]  # broadcast over heads
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store this step's (B, T, H, D) keys/values, return all keys/values so far (B, H, Tk, D)."""
-        rows = torch.arange(k.shape[0], device=k.device)[:, None]
-        self.k[layer][rows, self._positions] = k.to(self.k.dtype)
-        self.v[layer][rows, self._positions] = v.to(self.v.dtype)
+        at = self._positions
+        if isinstance(at, int):
+            self.k[layer, :, at : at + k.shape[1]] = k  # copy_ casts to the cache's dtype
+            self.v[layer, :, at : at + k.shape[1]] = v
+        else:
+            rows = torch.arange(k.shape[0], device=k.device)[:, None]
+            self.k[layer][rows, at] = k.to(self.k.dtype)
+            self.v[layer][rows, at] = v.to(self.v.dtype)
         used = self._used
         return self.k[layer, :, :used].transpose(1, 2), self.v[layer, :, :used].transpose(1, 2)
 
@@ -98,30 +108,36 @@ class DecodeView:
 
     ``pos`` (B,) long: where each row's new token goes (its cached length); ``keys``: how many
     positions attention reads (``> max(pos)``; the full ``max_len`` for a fixed-shape compiled
-    step); ``masked=False`` (eager only, every row at ``keys - 1``) skips the mask. Lengths are
-    not advanced here (the engine owns them). The caller guarantees ``pos < max_len``: there is
-    no check, because a check needs the device's values on the host (a sync per step).
+    step); ``masked=False`` (eager only, every row at ``keys - 1``) skips the mask and writes a
+    slice at ``keys - 1`` (``pos`` is unused then and may be None). Lengths are not advanced here
+    (the engine owns them). The caller guarantees ``pos < max_len``: there is no check, because a
+    check needs the device's values on the host (a sync per step).
     """
 
-    def __init__(self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, keys: int, masked: bool = True):
+    def __init__(self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor | None, keys: int, masked: bool = True):
         self.k, self.v, self.pos, self.keys, self.masked = k, v, pos, keys, masked
-        self._rows = torch.arange(pos.shape[0], device=pos.device)
+        self._rows = torch.arange(pos.shape[0], device=pos.device) if masked else None
 
-    def begin(self, num_new: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def begin(self, num_new: int) -> tuple[torch.Tensor | int, torch.Tensor | None]:
         if not self.masked:
-            return self.pos[:, None], None
+            return self.keys - 1, None
         keys = torch.arange(self.keys, device=self.pos.device)
         return self.pos[:, None], (keys[None, :] <= self.pos[:, None])[:, None, None, :]  # (B, 1, 1, Tk)
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store the (B, 1, H, D) keys/values at ``pos``; return (B, H, keys, D) to attend to."""
+        rows = k.shape[0]
+        if not self.masked:  # eager, every row at keys - 1: a slice copy (casts to the cache's dtype)
+            kl, vl = self.k[layer, :rows], self.v[layer, :rows]
+            kl.select(1, self.keys - 1).copy_(k.select(1, 0))
+            vl.select(1, self.keys - 1).copy_(v.select(1, 0))
+            return kl[:, : self.keys].transpose(1, 2), vl[:, : self.keys].transpose(1, 2)
         # Index the whole buffer, not the view ``self.k[layer]``: under torch.compile an in-place write
         # into a view of a graph input becomes a copy of the entire cache per layer (measured: batch 16
         # decoded 10x slower than eager), while a write into the input itself stays in place.
         at = (torch.full_like(self.pos, layer), self._rows, self.pos)
         self.k.index_put_(at, k[:, 0].to(self.k.dtype))
         self.v.index_put_(at, v[:, 0].to(self.v.dtype))
-        rows = self._rows.shape[0]
         return self.k[layer, :rows, : self.keys].transpose(1, 2), self.v[layer, :rows, : self.keys].transpose(1, 2)
 
     def advance(self, num_new: int) -> None:

@@ -27,7 +27,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from _ray_head import BIN, REPO, _free_port, job_env
+from _helpers_serve import free_port
+
+BIN = Path(sys.executable).parent
+REPO = Path(__file__).resolve().parents[1]
 
 # Logical CPUs per node (overcommitted on 2 cores, as the embedded Ray does: Ray Data's tasks need free
 # CPUs while the training workers hold theirs). With ray.cpus_per_worker=2 each node holds exactly one
@@ -35,8 +38,26 @@ from _ray_head import BIN, REPO, _free_port, job_env
 HEAD_CPUS, WORKER_CPUS = 3, 3
 
 
+def job_env(base_dir: Path) -> dict[str, str]:
+    """The environment of the nodes, the drivers and the CLIs: never an inherited ``RAY_ADDRESS``."""
+    env = {
+        **os.environ,
+        "PATH": f"{BIN}:{os.environ.get('PATH', '')}",
+        "NANOCHAT_BASE_DIR": str(base_dir),
+        "RAY_AUTH_MODE": "token",  # 2.60 enables token auth; the CLIs need the mode to find the token
+        "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1",
+        # The GCS declares a node dead after this many failed health checks this far apart (Ray: 5 x 3 s
+        # after a 5 s delay); a killed raylet refuses at once, so its node is marked dead in ~5 s, while a
+        # live raylet must stall for ~50 s (5 x the 10 s check timeout) before it counts as lost.
+        "RAY_health_check_period_ms": "1000",
+        "RAY_health_check_initial_delay_ms": "1000",
+    }
+    env.pop("RAY_ADDRESS", None)
+    return env
+
+
 def _agent_ports() -> list[str]:
-    return [f"--{flag}={_free_port()}" for flag in (
+    return [f"--{flag}={free_port()}" for flag in (
         "node-manager-port", "object-manager-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
         "runtime-env-agent-port", "metrics-export-port")]
 
@@ -103,14 +124,14 @@ class LocalCluster:
         return path
 
     def start_head(self) -> None:
-        port, dash = _free_port(), _free_port()
+        port, dash = free_port(), free_port()
         self.gcs, self.dashboard = f"127.0.0.1:{port}", f"http://127.0.0.1:{dash}"
         log = open(self.root / "head.log", "w")
         self.head = subprocess.Popen(
             [str(BIN / "ray"), "start", "--head", "--block", f"--port={port}", f"--num-cpus={HEAD_CPUS}",
              '--resources={"head_node": 1}', f"--temp-dir={self._temp_dir()}", "--node-ip-address=127.0.0.1",
              "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
-             f"--ray-client-server-port={_free_port()}", *_agent_ports(), "--disable-usage-stats"],
+             f"--ray-client-server-port={free_port()}", *_agent_ports(), "--disable-usage-stats"],
             env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )
 
@@ -125,20 +146,35 @@ class LocalCluster:
             env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )
 
-    def alive_nodes(self) -> list[dict]:
-        """The cluster's alive nodes as ``ray list nodes`` reports them."""
-        out = self.ray_cli("list", "nodes", "--address", self.dashboard, "--format", "json", "--detail")
-        if out.returncode != 0 or not out.stdout.lstrip().startswith("["):  # e.g. "No resource in the cluster"
-            return []
-        return [n for n in json.loads(out.stdout) if n.get("state") == "ALIVE"]
+    def api(self, path: str) -> object | None:
+        """GET the head's dashboard API (``/api/jobs/``, ``/api/v0/nodes``, ...): its JSON, or None while it
+        does not answer. Plain HTTP from this process: polling through the ``ray`` CLI would start a Python
+        that imports Ray every second, which alone loads a 2-core machine."""
+        import httpx
+        from ray._private.authentication.http_token_authentication import get_auth_headers_if_auth_enabled
 
-    def wait_for_nodes(self, count: int, timeout: float = 180) -> None:
+        try:
+            reply = httpx.get(f"{self.dashboard}{path}", headers=get_auth_headers_if_auth_enabled({}), timeout=20)
+            return reply.json() if reply.status_code == 200 else None
+        except (httpx.HTTPError, ValueError):
+            return None
+
+    def alive_nodes(self) -> list[dict]:
+        """The cluster's alive nodes (the state API's node records)."""
+        reply = self.api("/api/v0/nodes?limit=100&detail=true")
+        if not isinstance(reply, dict) or not reply.get("result"):
+            return []
+        return [n for n in reply["data"]["result"]["result"] if n.get("state") == "ALIVE"]
+
+    def wait_for_nodes(self, count: int, timeout: float = 300) -> None:
+        """Until exactly ``count`` nodes are alive and the head accepts jobs (a lost node counts once the GCS
+        has declared it dead: seconds, see ``job_env``)."""
         deadline = time.time() + timeout
         while time.time() < deadline:
             for name, proc in (("head", self.head), ("worker", self.worker)):
                 assert proc is None or proc.poll() is None or (name == "worker" and count < 2), \
                     f"ray start ({name}) exited: {self.logs()}"
-            if len(self.alive_nodes()) == count and self.ray_cli("job", "list", "--address", self.dashboard).returncode == 0:
+            if len(self.alive_nodes()) == count and isinstance(self.api("/api/jobs/"), list):
                 return
             time.sleep(1)
         raise AssertionError(f"the cluster did not reach {count} alive nodes in {timeout:.0f} s: {self.logs()}")
@@ -155,10 +191,14 @@ class LocalCluster:
         return raylets[0]
 
     def stop(self) -> None:
+        """Stop both nodes; their session logs (Train's controller logs included) are kept under ``root``."""
         for proc in (self.worker, self.head):
             if proc is not None:
-                _stop_group(proc)
-        for path in self.temp_dirs:
+                _stop_group(proc, grace_s=5)  # nothing left to save: a graceful stop only costs time
+        for i, path in enumerate(self.temp_dirs):
+            for logs in Path(path).glob("session_2*/logs"):
+                shutil.copytree(logs, self.root / f"ray_logs_{i}", dirs_exist_ok=True,
+                                ignore=lambda d, names: [n for n in names if n.endswith((".sock", ".pb"))])
             shutil.rmtree(path, ignore_errors=True)
 
     def logs(self) -> str:
@@ -248,26 +288,28 @@ def job_status(cluster: LocalCluster, submission_id: str) -> str:
 # ---- the driver (runs in a subprocess with RAY_ADDRESS set) ----------------------------------------
 
 
-def _worker_placement(pid_dir: Path) -> tuple[dict[int, str], int]:
-    """``({rank: "head" | "worker"}, training worker actors this job started)``: the node of the actor
-    whose pid each rank wrote (the latest worker group), and 2 per worker group started (restarts)."""
+def _worker_placement(pid_dir: Path) -> tuple[dict[int, str], list[str]]:
+    """``({rank: "head" | "worker"}, [node of every training worker actor this job started])``: the node of
+    the actor whose pid each rank wrote (the latest worker group), and, for every worker of every group
+    (restarts and the workers of a lost node included), ``"head"`` or the id of the worker node it ran on."""
     import ray
     from ray.util.state import list_actors
 
-    node_names = {n["NodeID"]: ("worker" if "worker_node" in n["Resources"] else "head") for n in ray.nodes()}
+    head = next(n["NodeID"] for n in ray.nodes() if n["Alive"] and "head_node" in n["Resources"])  # never lost
     job = ray.get_runtime_context().get_job_id()
     actors = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("job_id", "=", job)], detail=True,
                          limit=1000, raise_on_missing_output=False)
-    by_pid = {a["pid"]: node_names.get(a["node_id"], "?") for a in actors}
+    by_pid = {a["pid"]: ("head" if a["node_id"] == head else "worker") for a in actors}
     ranks = {int(f.stem.split("_")[1]): by_pid.get(int(f.read_text()), "?") for f in sorted(pid_dir.glob("rank_*.pid"))}
-    return ranks, len(actors)
+    return ranks, ["head" if a["node_id"] == head else a["node_id"] for a in actors]
 
 
-def _pause_callback(steps: list[int], folder: str, timeout_s: float = 240):
+def _pause_callback(steps: list[int], folder: str, elastic: bool, timeout_s: float = 240):
     """A Train callback (it runs in the controller) that, once per step in ``steps``, after Ray recorded that
     step's checkpoint, writes ``folder/paused_<step>`` and waits for ``folder/release_<step>``: the test
     kills or restarts a node in between. The workers stop at their next report meanwhile (Train's result
-    queue holds one report), so the node is lost mid-run, with a checkpoint recorded and steps left."""
+    queue holds one report), so the node is lost mid-run, with a checkpoint recorded and steps left.
+    ``elastic``: on release, refresh the node view an elastic run sizes its next worker group from."""
     from ray.train import UserCallback
 
     class PauseAfterCheckpoint(UserCallback):
@@ -280,8 +322,24 @@ def _pause_callback(steps: list[int], folder: str, timeout_s: float = 240):
             deadline = time.time() + timeout_s
             while not (Path(folder) / f"release_{step}").exists() and time.time() < deadline:
                 time.sleep(0.2)
+            if elastic:
+                _refresh_node_view()
 
     return PauseAfterCheckpoint()
+
+
+def _refresh_node_view() -> None:
+    """Make Ray Data's AutoscalingCoordinator (the actor that tells an elastic Train run how many workers
+    fit) re-read the cluster's nodes now instead of at its next 20 s tick (``TICK_INTERVAL_S``, Ray 2.60),
+    so a run released after a node left or joined sizes its next worker group from the nodes as they are.
+    Private API, used by this test seam only; nanochat itself relies on the periodic tick."""
+    import ray
+    from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator import (
+        get_or_create_autoscaling_coordinator,
+    )
+
+    coordinator = get_or_create_autoscaling_coordinator()
+    ray.get(coordinator.get_reserved_resources.remote("nanochat-tests", recompute=True), timeout=60)
 
 
 def _drive(spec: dict) -> None:
@@ -297,23 +355,25 @@ def _drive(spec: dict) -> None:
     init_ray(base=base)
     tokenizer = Tokenizer.load(base / "tokenizer")
     pid_dir = Path(spec["out"]).with_suffix(".pids")
+    elastic = any(o.startswith("ray.min_workers=") for o in spec["overrides"])
     t0 = time.time()
     result = train_stage(
         "pretrain", "tiny", num_workers=2, tag=spec["tag"], overrides=spec["overrides"],
         datasets=token_datasets(tokenizer, 32, train_rows=spec.get("train_rows", 200), val_rows=32),
         storage_path=spec["storage"], debug_pid_dir=str(pid_dir), base=base,
-        callbacks=[_pause_callback(spec["pause_at"], spec["pause_dir"])] if spec.get("pause_at") else None,
+        callbacks=[_pause_callback(spec["pause_at"], spec["pause_dir"], elastic)] if spec.get("pause_at") else None,
     )
     # After a restart the steps between the checkpoint and the failure are trained and reported again:
     # the last report of each step is the one the finished run stands on.
     records = sorted({r["step"]: r for r in read_jsonl(result.metrics_path) if "train/raw_loss" in r}.values(),
                      key=lambda r: r["step"])
     reported = [r["step"] for r in read_jsonl(result.metrics_path) if "train/raw_loss" in r]
-    nodes, actors = _worker_placement(pid_dir)
+    nodes, actor_nodes = _worker_placement(pid_dir)
     Path(spec["out"]).write_text(json.dumps({
         "steps": [r["step"] for r in records], "losses": [r["train/raw_loss"] for r in records], "reported": reported,
-        "rows_consumed": [r["rows_consumed"] for r in records],
-        "last": records[-1] if records else {}, "nodes": nodes, "worker_actors": actors, "seconds": time.time() - t0,
+        "rows_consumed": [r["rows_consumed"] for r in records], "ns_min": [r.get("muon/ns_min") for r in records],
+        "last": records[-1] if records else {}, "nodes": nodes, "actor_nodes": actor_nodes,
+        "seconds": time.time() - t0,
         "result": result.as_dict(),
     }, default=str))
 

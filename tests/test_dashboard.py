@@ -96,7 +96,7 @@ result = train_stage("pretrain", "tiny", overrides=overrides, tag="dash", restar
 
 port = int(sys.argv[3])
 serve.start(http_options={"host": "127.0.0.1", "port": port})
-serve.run(build_app({"checkpoint": result.checkpoint, "overrides": ["max_batch_size=2"]}), name="nanochat",
+serve.run(build_app({"checkpoint": result.checkpoint, "overrides": ["max_batch_size=2", "compile=false"]}), name="nanochat",
           route_prefix="/", blocking=False)
 base = f"http://127.0.0.1:{port}"
 deadline = time.monotonic() + 180

@@ -326,3 +326,50 @@ def test_ci_workflow_runs_the_test_command_and_ruff():
     assert "bash scripts/test.sh" in (ROOT / "README.md").read_text()
     # a CPU runner must not pull PyPI's CUDA torch
     assert "download.pytorch.org/whl/cpu" in workflow["jobs"]["test"]["env"]["TORCH_SPEC"]
+
+
+# ---- serve_configs/vllm.yaml (Ray Serve LLM) ----------------------------------------------------------
+
+
+def _llm_config_class():
+    """Ray Serve LLM's ``LLMConfig``: the public class when vLLM is installed; without vLLM
+    ``ray.serve.llm`` does not import, so the internal class it re-exports (the one
+    ``build_openai_app``'s ``LLMServingArgs`` validates each entry of ``llm_configs`` with)."""
+    try:
+        from ray.serve.llm import LLMConfig
+    except ImportError:
+        from ray.llm._internal.serve.core.configs.llm_config import LLMConfig
+    return LLMConfig
+
+
+@pytest.fixture(scope="module")
+def vllm_serve_config() -> dict:
+    return load_yaml(ROOT / "serve_configs" / "vllm.yaml")
+
+
+def test_vllm_yaml_is_a_serve_config_of_ray_serve_llms_openai_app(vllm_serve_config):
+    from ray.serve.schema import ServeDeploySchema
+
+    ServeDeploySchema.model_validate(vllm_serve_config)
+    (app,) = vllm_serve_config["applications"]
+    assert app["import_path"] == "ray.serve.llm:build_openai_app"
+    assert set(app["args"]) == {"llm_configs"}
+
+
+def test_vllm_yaml_llm_configs_pass_ray_serve_llms_own_validation(vllm_serve_config):
+    llm_config = _llm_config_class()
+    (app,) = vllm_serve_config["applications"]
+    (raw,) = app["args"]["llm_configs"]
+    config = llm_config.model_validate(raw)  # unknown keys, accelerator type, deployment_config all checked
+    assert config.model_id == "nanochat-d20"
+    assert config.engine_kwargs["model_impl"] == "transformers"
+    # a vLLM frontend argument (Ray Serve LLM passes it on): without it vLLM sends user content as a list of
+    # parts, which the exported chat template refuses (found with benchmarks/check_vllm_export.py)
+    assert config.engine_kwargs["chat_template_content_format"] == "string"
+    scaling = config.deployment_config["autoscaling_config"]
+    assert 1 <= scaling["min_replicas"] < scaling["max_replicas"]
+    # the validation is strict: a misspelled field or an unknown GPU type is refused
+    with pytest.raises(ValueError):
+        llm_config.model_validate({**raw, "engine_kwarg": raw["engine_kwargs"]})
+    with pytest.raises(ValueError):
+        llm_config.model_validate({**raw, "accelerator_type": "GeForce-256"})

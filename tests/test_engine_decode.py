@@ -53,16 +53,72 @@ def test_fixed_shape_decode_path_gives_the_eager_greedy_ids(model, tok):
     assert {8, 4, 2, 1} <= set(sizes)  # 5 rows padded to 8, then 4, 2, 1 as they finish
 
 
-def test_compile_is_off_by_default_auto_only_on_cuda_and_it_can_be_forced_or_turned_off(model, tok):
+def test_compile_is_off_by_default_auto_measures_on_cpu_and_it_can_be_forced_or_turned_off(model, tok):
     cpu = torch.device("cpu")
-    assert not resolve_compile("auto", cpu) and resolve_compile(True, cpu) and not resolve_compile(False, cpu)
-    assert resolve_compile("auto", torch.device("cuda"))
+    assert [resolve_compile(s, cpu) for s in (False, True, "auto")] == ["off", "all", "measure"]
+    assert resolve_compile("auto", torch.device("cuda")) == "all"
     for kwargs, expected in (({}, False), ({"compile": "auto"}, False), ({"compile": False}, False),
                              ({"compile": True}, True)):
         engine = Engine(model, tok, **kwargs)
         engine._ensure_cache()  # creates the decoder; a graph would only be built at the first decode step
         assert engine.decode_compiled is expected and engine.stats()["decode_compiled"] is expected
+    # auto on CPU without warmup(): eager at every batch size (nothing compiles behind the caller's back)
+    assert Engine(model, tok, compile="auto").stats()["decode_compiled_buckets"] == []
     assert Engine(model, tok, compile=False).warmup() == 0.0  # nothing to build
+
+
+def _timed_fakes(engine: Engine, compiled_ms: dict[int, float], eager_ms: float) -> list[int]:
+    """Known step times for the measurement in warmup(), on a fake clock: the compiled step is the real
+    fixed-shape path, uncompiled, taking ``compiled_ms[rows]``; the eager step the real one taking
+    ``eager_ms``. Returns the row counts the stand-in graph was called with, in order."""
+    from nanochat.engine_decode import decode_forward
+
+    decoder, built, now = engine._decoder, [], [0.0]
+
+    def compiled(model, ids, *rest):
+        if ids.shape[0] not in built:
+            built.append(ids.shape[0])
+        now[0] += compiled_ms[ids.shape[0]] / 1e3
+        return decode_forward(model, ids, *rest)
+
+    real_eager = decoder._run_eager
+
+    def eager(ids, positions):
+        now[0] += eager_ms / 1e3
+        return real_eager(ids, positions)
+
+    decoder._compiled, decoder._run_eager, decoder.clock = compiled, eager, lambda: now[0]
+    return built
+
+
+def test_auto_on_cpu_keeps_the_batch_sizes_whose_compiled_step_measures_faster_and_stops_at_the_first_slower(
+        model, tok):
+    engine = Engine(model, tok, max_batch_size=16, compile="auto", prefix_cache=False)
+    engine._ensure_cache()
+    built = _timed_fakes(engine, {1: 5.0, 2: 8.9, 4: 12.0, 8: 1.0, 16: 1.0}, eager_ms=10.0)
+    engine.warmup()
+    assert built == [1, 2, 4]  # 4 rows measured slower: 8 and 16 are never built
+    assert engine.stats()["decode_compiled_buckets"] == [1, 2] and engine.decode_compiled
+    assert engine._decoder.measured == {1: {"eager_ms": 10.0, "compiled_ms": 5.0},
+                                        2: {"eager_ms": 10.0, "compiled_ms": 8.9},
+                                        4: {"eager_ms": 10.0, "compiled_ms": 12.0}}
+    # decoding: 1-2 rows through the (stand-in) graph, 3+ rows eager; the ids are those of an eager engine
+    prompts = prompts_for(tok, TEXTS[:3])
+    calls = []
+    real = engine._decoder._run_compiled
+    engine._decoder._run_compiled = lambda ids, pos: calls.append(len(ids)) or real(ids, pos)
+    ragged = [GREEDY.model_copy(update={"max_tokens": 3 + 3 * i}) for i in range(3)]
+    eager = Engine(model, tok, max_batch_size=16, compile=False, prefix_cache=False)
+    assert greedy_ids(engine, prompts, ragged) == greedy_ids(eager, prompts, ragged)
+    assert calls and set(calls) == {1, 2}  # after the first rows finish
+
+
+def test_auto_on_cpu_drops_the_graph_when_even_one_row_is_not_faster_compiled(model, tok):
+    engine = Engine(model, tok, max_batch_size=4, compile="auto", prefix_cache=False)
+    engine._ensure_cache()
+    built = _timed_fakes(engine, {1: 9.5, 2: 1.0, 4: 1.0}, eager_ms=10.0)  # 5% faster: within the margin
+    engine.warmup()
+    assert built == [1] and not engine.decode_compiled and engine.stats()["decode_compiled_buckets"] == []
 
 
 def test_a_compiled_step_that_cannot_be_built_falls_back_to_eager(model, tok, caplog):

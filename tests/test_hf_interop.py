@@ -210,6 +210,21 @@ def test_apply_chat_template_equals_our_rendering(exported, wide_tokenizer):
     assert text == "<|bos|><|user_start|>You are terse.\n\nName a color.<|user_end|><|assistant_start|>"
 
 
+def test_chat_template_joins_text_parts_of_user_and_system_content_as_our_server_does(exported, wide_tokenizer):
+    """OpenAI content parts (what vLLM's chat frontend passes by default) render as the joined string."""
+    hf = transformers.AutoTokenizer.from_pretrained(exported["wide"])
+    parts = [{"role": "system", "content": [{"type": "text", "text": "You are "}, {"type": "text", "text": "terse."}]},
+             {"role": "user", "content": [{"type": "text", "text": "Name a "}, {"type": "text", "text": "color."}]}]
+    text = hf.apply_chat_template(parts, add_generation_prompt=True, tokenize=False)
+    assert text == "<|bos|><|user_start|>You are terse.\n\nName a color.<|user_end|><|assistant_start|>"
+    joined = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Name a color."}]
+    assert list(hf.apply_chat_template(parts, add_generation_prompt=True, return_dict=False)) == \
+        wide_tokenizer.render_for_completion(joined)
+    with pytest.raises(Exception, match="must be of type text"):
+        hf.apply_chat_template([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}],
+                               add_generation_prompt=True)
+
+
 def test_chat_template_refuses_what_our_renderer_refuses(exported):
     hf = transformers.AutoTokenizer.from_pretrained(exported["wide"])
     for bad in (

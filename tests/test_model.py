@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from conftest import FIXTURES  # noqa: E402  (the shared fixtures folder, located once in conftest)
 from safetensors.torch import load_file
 
-from nanochat.model import GPT, GPTConfig, build_model, config_for_depth
+from nanochat.model import GPT, GPTConfig, RotaryAngles, apply_rotary, build_model, config_for_depth
 
 PARITY = FIXTURES / "parity" / "nanochat-dec-tiny"
 
@@ -96,6 +96,43 @@ def test_logits_are_softcapped_at_15(tiny_model_factory):
 def _full_logits(model: GPT, ids: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         return model(ids)
+
+
+
+@pytest.mark.parametrize("x_dtype, table_dtype", [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.bfloat16),
+                                                  (torch.float32, torch.float32), (torch.bfloat16, torch.float32)])
+def test_rotary_gives_nanochats_rotation_bit_for_bit(x_dtype, table_dtype):
+    """The full-width rotation (4 ops) equals nanochat's halves formula exactly, in every dtype mix."""
+    gen = torch.Generator().manual_seed(0)
+    x = (torch.randn(3, 7, 4, 64, generator=gen) * 3).to(x_dtype)
+    angles = torch.rand(1, 7, 1, 32, generator=gen) * 100
+    cos, sin = angles.cos().to(table_dtype), angles.sin().to(table_dtype)
+    x1, x2 = x[..., :32], x[..., 32:]
+    want = torch.cat([x1 * cos + x2 * sin, x1 * (-sin) + x2 * cos], 3).to(x_dtype)  # nanochat 10231df
+    got = apply_rotary(x, *RotaryAngles(cos, sin).get(x_dtype))
+    assert got.dtype == x_dtype and torch.equal(got, want)
+
+
+@pytest.mark.parametrize("n_kv_head", [4, 2])
+def test_decode_step_of_rows_at_one_position_equals_the_masked_step_bit_for_bit(tiny_model_factory, n_kv_head):
+    """The eager decode step's shortcut (every row at the same position: slice write, rotary slice, no
+    mask) gives the same logits and cache contents as the general path over the same keys (index write,
+    gathered rotary, mask), and as the cache's own forward."""
+    from nanochat.engine_decode import decode_forward
+
+    model = tiny_model_factory(n_kv_head=n_kv_head)
+    ids = torch.randint(0, model.config.vocab_size, (3, 9), generator=torch.Generator().manual_seed(3))
+    caches = [model.new_kv_cache(batch=4, max_len=32) for _ in range(3)]
+    with torch.inference_mode():
+        for cache in caches:
+            model(ids[:, :6], kv_cache=cache.rows(0, 3))
+        for t in range(6, 9):
+            pos = torch.full((3,), t)
+            fast = decode_forward(model, ids[:, t], None, caches[0].k, caches[0].v, t + 1, masked=False)
+            masked = decode_forward(model, ids[:, t], pos, caches[1].k, caches[1].v, t + 1, masked=True)
+            plain = model(ids[:, t : t + 1], kv_cache=caches[2].rows(0, 3))[:, -1]
+            assert torch.equal(fast, masked) and torch.equal(fast, plain)
+    assert torch.equal(caches[0].k, caches[1].k) and torch.equal(caches[0].v, caches[2].v)
 
 
 @pytest.mark.parametrize("n_kv_head", [4, 2])

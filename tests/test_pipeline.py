@@ -1,8 +1,8 @@
 """The main job end to end: every stage, a crash during SFT resumed at SFT, a rerun that skips all.
 
-Fast tests cover the stage bookkeeping; the slow ones run the real pipeline (real Ray, DeepSpeed,
-parquet, evals, report) as a user does: the ``nanochat`` console script in a subprocess, and the
-pipeline as a ``ray job submit`` against ``ray start --head``.
+Fast tests cover the stage bookkeeping; the slow one runs the real pipeline (real Ray, DeepSpeed,
+parquet, evals, report) as a user does: the ``nanochat`` console script in a subprocess. The pipeline
+as a ``ray job submit`` (stopped and resubmitted) is tests/test_multinode.py's, on its two-node cluster.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 
 import pytest
-from _ray_head import job_env, ray_head, submit_job
 
 from nanochat.common import NanochatError
 from nanochat.config import load_preset
@@ -158,30 +157,3 @@ def test_main_command_runs_every_stage_resumes_after_a_crash_in_sft_and_skips_wh
     third = subprocess.run(cmd, env=_env(base), capture_output=True, text=True, timeout=600)
     assert third.returncode == 0, (third.stdout + third.stderr)[-3000:]
     assert all(f"{s:<9} done already" in third.stdout + third.stderr for s in STAGE_NAMES)
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(1800)
-def test_pipeline_ray_job_submit_against_a_started_head_node_shows_the_job_and_its_train_run(tmp_path):
-    """The pipeline job (ray_jobs/pipeline.py) through `ray job submit`, up to pretraining (the rest of the
-    pipeline is the main-command test's); the head's dashboard lists the job and Train's run of it."""
-    import httpx
-    from ray._private.authentication.http_token_authentication import get_auth_headers_if_auth_enabled
-
-    base = tmp_path / "nanochat"
-    env = job_env(base)
-    minimal = [*E2E_OVERRIDES, "pretrain.num_iterations=4", "pretrain.eval_every=2", "pretrain.save_every=-1"]
-    with ray_head(env, tmp_path / "head.log") as address:
-        job = submit_job(address, env, ["python", "ray_jobs/pipeline.py", "--preset", "tiny", "--stop-after",
-                                        "pretrain", *_set_args(minimal)], timeout=1500)
-        out = job.stdout + job.stderr
-        assert job.returncode == 0, out[-5000:]
-        headers = get_auth_headers_if_auth_enabled({})
-        jobs = httpx.get(f"{address}/api/jobs/", headers=headers, timeout=30).json()
-        runs = httpx.get(f"{address}/api/train/v2/runs/v1", headers=headers, timeout=30).json()["train_runs"]
-    assert "succeeded" in out and "pretrain  finished in" in out  # the stage lines reach `ray job logs`
-    assert any(j["entrypoint"].startswith("python ray_jobs/pipeline.py") for j in jobs), jobs
-    assert [r["status"] for r in runs if r["name"] == "base-d4"] == ["FINISHED"], runs
-    assert (base / "checkpoints" / "base" / "d4").is_dir()
-    stages = _stages(base)
-    assert all(stages[s]["status"] == "done" for s in STAGE_NAMES[: STAGE_NAMES.index("pretrain") + 1]), stages

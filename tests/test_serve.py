@@ -51,14 +51,17 @@ def server(ray_session, tmp_path_factory, tiny_tokenizer, tiny_model_factory):
     ckpt = build_tiny_checkpoint(root, tiny_tokenizer, tiny_model_factory, tag=MODEL)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app({"checkpoint": str(ckpt)}), name="main", route_prefix="/", blocking=False)
+    # compile=false: serve.compile=auto would compile and time the decode step at every replica start
+    # on CPU (seconds warm, minutes cold), which the suite's time budget cannot pay (docs/engine.md).
+    serve.run(build_app({"checkpoint": str(ckpt), "overrides": ["compile=false"]}), name="main", route_prefix="/",
+              blocking=False)
     keyed = build_app(
         {"checkpoint": str(ckpt), "api_key": API_KEY,
-         "overrides": ["max_batch_size=1", "max_waiting=1", "max_new_tokens=120", "cpu_threads=2"]}
+         "overrides": ["max_batch_size=1", "max_waiting=1", "max_new_tokens=120", "cpu_threads=2", "compile=false"]}
     )
     serve.run(keyed, name="keyed", route_prefix="/keyed", blocking=False)
     faulty = _faulty_checkpoint(tmp_path_factory.mktemp("serve_faulty"), tiny_tokenizer, tiny_model_factory)
-    serve.run(build_app({"checkpoint": str(faulty), "overrides": ["max_batch_size=4"]}), name="faulty",
+    serve.run(build_app({"checkpoint": str(faulty), "overrides": ["max_batch_size=4", "compile=false"]}), name="faulty",
               route_prefix="/faulty", blocking=False)
     base = f"http://127.0.0.1:{port}"
     wait_healthy(f"{base}/health")
@@ -587,7 +590,7 @@ def test_cpu_replica_threads_follow_ray_unless_cpu_threads_is_set(server):
     keyed = httpx.get(server["base"] + "/keyed/stats", timeout=10).json()
     assert main["torch_threads"] == 1
     assert keyed["torch_threads"] == 2
-    assert main["decode_compiled"] is False  # serve.compile=auto: CPU replicas decode eagerly
+    assert main["decode_compiled"] is False  # the fixture sets serve.compile=false
 
 
 def test_multi_turn_history_hits_the_prefix_cache_and_invalidate_drops_it(server, client):

@@ -132,7 +132,8 @@ def _deploy(ckpt: Path, min_replicas: int, max_replicas: int, affinity: bool = T
     from nanochat.serve.build import build_app_with
 
     overrides = [f"min_replicas={min_replicas}", f"max_replicas={max_replicas}", "target_ongoing_requests=2",
-                 "upscale_delay_s=1", "downscale_delay_s=3", "max_batch_size=8", "max_new_tokens=16"]
+                 "upscale_delay_s=1", "downscale_delay_s=3", "max_batch_size=8", "max_new_tokens=16",
+                 "compile=false"]  # no compile at each replica start (CI time; docs/engine.md)
     deployment = {
         "autoscaling_config": {"metrics_interval_s": 0.5, "look_back_period_s": 2.0},
         "request_router_config": {"request_router_kwargs": {"affinity": affinity},

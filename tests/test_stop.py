@@ -264,7 +264,7 @@ def test_nanochat_serve_stops_within_the_bound_ending_streams_and_leaving_nothin
     if os.environ.get("RAY_ADDRESS"):
         pytest.skip("starts its own local Ray; unset RAY_ADDRESS")
     port, log = free_port(), tmp_path / "serve.log"
-    with _command(["serve", "--port", str(port)], serve_base, log) as (proc, ray_tmp):
+    with _command(["serve", "--port", str(port), "--set", "compile=false"], serve_base, log) as (proc, ray_tmp):
         _wait_for_line(proc, log, "press Ctrl-C to stop", 240)  # what the user sees once it is up
         wait_healthy(f"http://127.0.0.1:{port}/health", timeout=30)
         before = census(proc.pid, ray_tmp)

@@ -35,11 +35,17 @@ PAD = EOS
 
 # Renders exactly Tokenizer.render_conversation (and, with add_generation_prompt, render_for_completion:
 # a trailing assistant message is dropped and <|assistant_start|> appended). A leading system message is
-# merged into the first user message with a blank line; assistant content is a string or a list of
+# merged into the first user message with a blank line; user and system content is a string or a list of
+# {"type": "text", "text": ...} parts joined as they are (as our server joins OpenAI content parts, and the
+# form vLLM's frontend passes by default); assistant content is a string or a list of
 # {"type": "text"|"python"|"python_output", "text": ...} parts.
 CHAT_TEMPLATE = (
+    "{%- macro text_of(content) -%}{%- if content is string -%}{{- content -}}{%- else -%}"
+    "{%- for part in content -%}{%- if part['type'] != 'text' -%}"
+    "{{- raise_exception('user and system content parts must be of type text') -}}{%- endif -%}"
+    "{{- part['text'] -}}{%- endfor -%}{%- endif -%}{%- endmacro -%}"
     "{%- if messages and messages[0]['role'] == 'system' -%}"
-    "{%- set system = messages[0]['content'] + '\\n\\n' -%}{%- set turns = messages[1:] -%}"
+    "{%- set system = text_of(messages[0]['content']) + '\\n\\n' -%}{%- set turns = messages[1:] -%}"
     "{%- else -%}{%- set system = '' -%}{%- set turns = messages -%}{%- endif -%}"
     "{%- if add_generation_prompt and turns and turns[-1]['role'] == 'assistant' -%}"
     "{%- set turns = turns[:-1] -%}{%- endif -%}"
@@ -50,9 +56,7 @@ CHAT_TEMPLATE = (
     "(system only first)') -}}"
     "{%- endif -%}"
     "{%- if message['role'] == 'user' -%}"
-    "{%- if message['content'] is not string -%}"
-    "{{- raise_exception('user content must be a string') -}}{%- endif -%}"
-    "{{- '<|user_start|>' + (system if loop.first else '') + message['content'] + '<|user_end|>' -}}"
+    "{{- '<|user_start|>' + (system if loop.first else '') + text_of(message['content']) + '<|user_end|>' -}}"
     "{%- else -%}"
     "{{- '<|assistant_start|>' -}}"
     "{%- if message['content'] is string -%}{{- message['content'] -}}"

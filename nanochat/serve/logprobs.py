@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from nanochat.serve.openai_types import ChatLogprobs, ChatTokenLogprob, CompletionLogprobs, TopLogprob
+from nanochat.serve.openai_types import ChatLogprobs, CompletionLogprobs
 
 
 class Logprobs:
@@ -37,7 +37,7 @@ class Logprobs:
         self.sent = [0] * choices  # generated entries already streamed
         self.echoed = [False] * choices
         self.offset = [0] * choices  # text_offset of the next token
-        self._strings: dict[int, str] = {}
+        self._tokens: dict[int, tuple[str, list[int]]] = {}
 
     def record(self, choice: int, event: Any) -> None:
         """Keep what a :class:`~nanochat.engine_types.TokenEvent` carries (merge calls this for every event)."""
@@ -59,12 +59,14 @@ class Logprobs:
         return text if text is not None else self.tokenizer.decode(self.prompts[g])
 
     def chat(self, choice: int) -> ChatLogprobs:
-        """Entries not yet sent for ``choice`` (all of them for a whole response)."""
-        return ChatLogprobs(content=[
-            ChatTokenLogprob(**self._chat_top(lp.token_id, lp.logprob),
-                             top_logprobs=[TopLogprob(**self._chat_top(t, v)) for t, v in lp.top])
+        """Entries not yet sent for ``choice`` (all of them for a whole response). Validated in one call
+        from plain dicts: building ``1 + top`` models per token one by one was most of what logprobs cost
+        a stream (bench_serve.py's logprobs run)."""
+        return ChatLogprobs.model_validate({"content": [
+            {**self._entry(lp.token_id, lp.logprob),
+             "top_logprobs": [self._entry(t, v) for t, v in lp.top]}
             for lp in self._take(choice)
-        ])
+        ]})
 
     def completion(self, choice: int) -> CompletionLogprobs | None:
         """Legacy completions shape for the tokens not yet sent (echoed prompt first: its first token has
@@ -104,11 +106,16 @@ class Logprobs:
             out.setdefault(self._string(t), v)
         return out
 
-    def _chat_top(self, token_id: int, logprob: float) -> dict[str, Any]:
-        raw = self.tokenizer.decode_bytes([token_id])
-        return {"token": self._string(token_id), "logprob": logprob, "bytes": list(raw)}
+    def _entry(self, token_id: int, logprob: float) -> dict[str, Any]:
+        token, raw = self._token(token_id)
+        return {"token": token, "logprob": logprob, "bytes": raw}
+
+    def _token(self, token_id: int) -> tuple[str, list[int]]:
+        """The token's string and its bytes (cached per request; the list is shared, never mutated)."""
+        if token_id not in self._tokens:
+            raw = self.tokenizer.decode_bytes([token_id])
+            self._tokens[token_id] = (raw.decode("utf-8", "replace"), list(raw))
+        return self._tokens[token_id]
 
     def _string(self, token_id: int) -> str:
-        if token_id not in self._strings:
-            self._strings[token_id] = self.tokenizer.decode_bytes([token_id]).decode("utf-8", "replace")
-        return self._strings[token_id]
+        return self._token(token_id)[0]

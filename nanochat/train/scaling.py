@@ -6,12 +6,7 @@ guarantees (what a lost node costs, where the data resumes) are in docs/training
 
 from __future__ import annotations
 
-import os
-
 from nanochat.config import ConfigError, Preset
-
-# How often an elastic run checks whether more workers fit again (Ray's default is 60 s).
-ELASTIC_RESIZE_S = float(os.environ.get("NANOCHAT_ELASTIC_RESIZE_S", "30"))
 
 
 def is_elastic(preset: Preset) -> bool:
@@ -46,14 +41,15 @@ def scaling_config(preset: Preset, use_gpu: bool, resources: dict[str, float]):
 
     Elastic (``min_workers`` set): Train V2 starts once ``min_workers`` fit, restarts the group from the
     latest checkpoint with fewer workers when a node is lost, and grows it again (checking every
-    ``ELASTIC_RESIZE_S``) when resources return; every worker count keeps ``total_batch_size`` tokens per
-    step because the workers derive their gradient accumulation from the world size they start with.
+    ``ray.elastic_resize_s`` seconds) when resources return; every worker count keeps ``total_batch_size``
+    tokens per step because the workers derive their gradient accumulation from the world size they start
+    with.
     """
     import ray.train
 
     ray_cfg = preset.ray
     elastic = is_elastic(preset)
-    extra = {"elastic_resize_monitor_interval_s": ELASTIC_RESIZE_S} if elastic else {}
+    extra = {"elastic_resize_monitor_interval_s": ray_cfg.elastic_resize_s} if elastic else {}
     return ray.train.ScalingConfig(
         num_workers=(ray_cfg.min_workers, ray_cfg.num_workers) if elastic else ray_cfg.num_workers,
         use_gpu=use_gpu, resources_per_worker=resources, placement_strategy=ray_cfg.placement_strategy, **extra,
