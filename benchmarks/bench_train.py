@@ -1,20 +1,25 @@
 """Training throughput and memory: compiled vs eager, bf16 vs fp32, Ray Train + DeepSpeed vs a plain loop.
 
-Everything is measured in the same run, 1 worker, at the ``tiny`` preset's model shape by default
-(depth 4, 256 wide, 256 context, vocab 4096; batch 8):
+1 worker, at the ``tiny`` preset's model shape by default (depth 4, 256 wide, 256 context, vocab 4096;
+batch 8). Every configuration of the single section runs in a process of its own (``--one``), so
+runs cannot disturb each other: each Ray run starts a fresh local Ray and shuts it down, each plain
+loop runs without Ray, and no compile-worker pool or idle actor of one run outlives it. The
+configurations run ``--repeats`` times in rounds, each round in a rotated order (A/B interleaved, so
+drift on a shared host falls on every configuration alike); the figures are the medians, each run's
+figure and the 1-minute load average at its start and end are in the JSON. Plain loops run at the
+niceness Ray gives its workers (15), so other processes on the host slow both alike.
 
 * ``compiled_vs_eager``: our default recipe (Muon + AdamW, ZeRO 0) through the Ray path with
-  ``compile: false`` and ``compile: true``, with the smoothed loss after ``--steps`` steps of each
-  (same rows in the same order, so the two losses should agree within noise).
-* ``ratio_muon_compiled_vs_plain``: the compiled Muon run against a plain loop with the same optimizer
-  (:class:`MuonAdamW`, Newton-Schulz compiled), measured before and after it.
-* ``ratio_zero{0,2}_vs_plain``: the Ray path (AdamW, ZeRO 0 and 2, compiled) against a plain
-  single-process loop on the same model, rows, batch, optimizer and compile setting; the plain loop
-  runs before and after the Ray runs and their mean is the baseline (cancels drift on a shared host).
-* ``cpu_bf16_vs_fp32_plain`` (CPU only): the compiled plain loop in bf16 autocast vs fp32.
+  ``compile: false`` and ``compile: true``, with the smoothed loss after the run of each (same rows in
+  the same order, so the two losses should agree within noise).
+* ``ratio_muon_compiled_vs_plain``: that compiled run against a plain loop with the same optimizer
+  (:class:`MuonAdamW`, momentum schedule, clipping, Newton-Schulz compiled with the model).
+* ``ratio_zero{0,2}_vs_plain``: the Ray path (AdamW, ZeRO 0 and 2, compiled) against a plain loop on
+  the same model, rows, batch, optimizer (torch's AdamW) and compile setting.
+* ``cpu_bf16_vs_fp32_plain`` (CPU only): the compiled plain AdamW loop in bf16 autocast vs fp32.
 * ``peak_rss_mb``: the Ray training worker's peak RSS (its ``worker/peak_rss_mb`` metric) eager and
   compiled, at the tiny shape and, with ``--d12-steps N`` (default 2; 0 skips), at the d12 model
-  shape (depth 12, 768 wide, vocab 65536, one 2048-token row per step) for N steps.
+  shape (depth 12, 768 wide, vocab 65536, one 2048-token row per step) for N steps (one run each).
 
 * ``scale`` (``--sections scale``, or ``all``): 2 workers, ZeRO 2, on a two-node Ray cluster simulated on
   this host (tests/_cluster.py, the multi-node tests' cluster: a head and a worker node started with
@@ -24,13 +29,13 @@ Everything is measured in the same run, 1 worker, at the ``tiny`` preset's model
   over the same run with STRICT_PACK: the cost of crossing nodes; on one host only the node boundary
   differs, not the network).
 
-Ray throughput is the median of the reported windows after step 10 (compilation, reporting and
-eval time excluded, data waits included). The dtype is what ``dtype: auto`` picks on this machine.
-Tokenizers are trained on generated Zipf-distributed text so the vocab sizes are the real ones.
-Prints ONE JSON line.
+Throughput, Ray and plain alike, is the median of the 10-step windows after step 10 (compilation,
+reporting and eval time excluded, data waits included). The dtype is what ``dtype: auto`` picks on
+this machine. Tokenizers are trained on generated Zipf-distributed text so the vocab sizes are the
+real ones. Prints ONE JSON line.
 
     python benchmarks/bench_train.py [--steps 60] [--depth 4] [--seq 256] [--batch 8] [--d12-steps 2]
-                                     [--sections all|single|scale]
+                                     [--repeats 2] [--sections all|single|scale]
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -75,22 +81,31 @@ def make_rows(vocab: int, seq: int, n: int, seed: int = 0, tokenizer=None):
     return [{"inputs": r[:-1].astype(np.int32), "targets": r[1:].astype(np.int64)} for r in ids]
 
 
-def plain_loop(model_config, rows, batch: int, steps: int, dtype, compiled: bool, lr: float = 3e-3,
-               warmup: int = 3, optimizer: str = "adamw") -> float:
-    """Tokens/s of a bare loop: model, optimizer, grad clip, the same rows; timed after ``warmup`` steps.
+def plain_loop(model_config, rows, batch: int, steps: int, dtype, compiled: bool, optimizer: str = "adamw",
+               lr: float = 3e-3, window: int = 10) -> dict:
+    """A bare loop: model, optimizer, grad clip 1.0, the same rows, ``steps`` steps, no Ray, no DeepSpeed.
 
-    ``optimizer``: ``adamw`` (torch's) or ``muon_adamw`` (our recipe, the ``tiny`` preset's learning
-    rates, Newton-Schulz compiled with the model)."""
+    ``optimizer``: ``adamw`` (torch's, ``lr``) or ``muon_adamw`` (our recipe: the ``tiny`` preset's
+    learning rates, Muon's momentum warm-up, Newton-Schulz compiled with the model). Returns
+    ``tok_per_sec`` (median of the ``window``-step windows after the first, as the Ray figure) and
+    ``loss`` (the smoothed loss after the last step, as ``train/loss``)."""
     import numpy as np
     import torch
 
     from nanochat.model import build_model
     from nanochat.train.compile import COMPILE_KWARGS
+    from nanochat.train.metrics import EMA
+    from nanochat.train.optim import set_lr
+    from nanochat.train.schedule import muon_momentum
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
     model = build_model(model_config, device=device)
     if compiled:
+        if device.type == "cpu":
+            import torch._inductor.config
+
+            torch._inductor.config.compile_threads = 1  # as in the Ray worker (nanochat.train.compile)
         model.compile(**COMPILE_KWARGS)
     if optimizer == "muon_adamw":
         from nanochat.config import load_preset
@@ -99,16 +114,24 @@ def plain_loop(model_config, rows, batch: int, steps: int, dtype, compiled: bool
         opt, _ = build_optimizer(model, load_preset("tiny").pretrain, dtype)
         opt.compiled = compiled
     else:
-        opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), eps=1e-8)
+        opt = torch.optim.AdamW([{"params": list(model.parameters()), "initial_lr": lr}], lr=lr, betas=(0.9, 0.95),
+                                eps=1e-8)
     x_all = torch.from_numpy(np.stack([r["inputs"] for r in rows])).long()
     y_all = torch.from_numpy(np.stack([r["targets"] for r in rows])).long()
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if dtype == torch.bfloat16 else nullcontext
-    t0, tokens = None, 0
-    for step in range(steps + warmup):
-        if step == warmup:
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            t0, tokens = time.perf_counter(), 0
+    ema, rates, t0 = EMA(0.9), [], time.perf_counter()
+
+    def close_window(n: int) -> None:
+        nonlocal t0
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        rates.append(n * batch * x_all.size(1) / (time.perf_counter() - t0))
+        t0 = time.perf_counter()
+
+    for step in range(steps):
+        if step and step % window == 0:
+            close_window(window)
+        set_lr(opt, 1.0, muon_momentum(step) if optimizer == "muon_adamw" else None)
         i = (step * batch) % (len(rows) - batch)
         x, y = x_all[i:i + batch].to(device), y_all[i:i + batch].to(device)
         with autocast():
@@ -117,9 +140,9 @@ def plain_loop(model_config, rows, batch: int, steps: int, dtype, compiled: bool
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        loss.item()
-        tokens += x.numel()
-    return tokens / (time.perf_counter() - t0)
+        ema.update(loss.item())
+    close_window(steps - (steps - 1) // window * window)
+    return {"tok_per_sec": statistics.median(rates[1:] or rates), "loss": ema.get()}
 
 
 def ray_path(rows, *, depth: int, seq: int, batch: int, head_dim: int, steps: int, dtype: str, zero_stage: int = 0,
@@ -213,11 +236,16 @@ def main() -> None:
     parser.add_argument("--head-dim", type=int, default=64, help="tiny preset: 64 (nanochat's d4: 128)")
     parser.add_argument("--vocab", type=int, default=4096)
     parser.add_argument("--d12-steps", type=int, default=2, help="steps of the d12-shape memory runs (0: skip)")
+    parser.add_argument("--repeats", type=int, default=2, help="rounds of the single section's runs (medians)")
     parser.add_argument("--sections", choices=("all", "single", "scale"), default="all",
                         help="single: the 1-worker figures; scale: the 2-worker/two-node ones")
+    parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: one measurement (a JSON spec), in this process
     args = parser.parse_args()
     os.environ.setdefault("NANOCHAT_BASE_DIR", tempfile.mkdtemp(prefix="bench-train-"))
     os.environ.setdefault("NANOCHAT_LOG_LEVEL", "WARNING")
+    if args.one:
+        print(json.dumps(run_one(json.loads(args.one))), flush=True)
+        return
     import torch
 
     from nanochat.common import resolved_dtype
@@ -230,69 +258,146 @@ def main() -> None:
     config = config_for_depth(args.depth, tokenizer.vocab_size, sequence_len=args.seq, aspect_ratio=64,
                               head_dim=args.head_dim)
     total = args.steps + 10
-    rows = make_rows(tokenizer.vocab_size, args.seq, args.batch * (total + 4), seed=1, tokenizer=tokenizer)
     dtype = resolved_dtype(resolve_dtype("auto", cuda), "cuda" if cuda else "cpu")
     dtype_name = "bfloat16" if dtype == torch.bfloat16 else "float32"
     shape = {"depth": args.depth, "seq": args.seq, "batch": args.batch, "head_dim": args.head_dim, "steps": total}
-    header = {"bench": "train", "device": "cuda" if cuda else "cpu", "dtype": dtype_name,
+    header = {"bench": "train", "device": "cuda" if cuda else "cpu", "dtype": dtype_name, "host": _host(),
               "model": {"depth": args.depth, "n_embd": config.n_embd, "head_dim": args.head_dim,
                         "vocab": tokenizer.vocab_size, "seq": args.seq, "batch": args.batch}}
-    out = {**header, **(single_sections(args, config, rows, shape, dtype, dtype_name, cuda, base)
+    out = {**header, **(single_sections(args, shape, dtype_name, cuda, base)
                         if args.sections in ("all", "single") else {})}
-    if args.sections in ("all", "scale"):  # joins its own two-node cluster (the local Ray is shut down)
-        tokenizer.save(base / "tokenizer")  # the d12 runs replaced it
+    if args.sections in ("all", "scale"):  # joins its own two-node cluster
         scale_rows = make_rows(tokenizer.vocab_size, args.seq, 2 * args.batch * (total + 4), seed=1, tokenizer=tokenizer)
         out.update(scale_section(scale_rows, shape, dtype_name, base))
     print(json.dumps(out), flush=True)
 
 
-def single_sections(args, config, rows, shape: dict, dtype, dtype_name: str, cuda: bool, base: Path) -> dict:
-    """The 1-worker figures: compiled vs eager, Ray vs a plain loop, bf16 vs fp32, peak RSS."""
+RAY_WORKER_NICENESS = 15  # Ray's default for its worker processes (RAY_worker_niceness)
+
+
+def _host() -> dict:
+    """The CPU model, its core count, whether it has AMX / avx512_bf16 (bf16 units) and the 1-minute load."""
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "")
+    flags = set(next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), []))
+    return {"cpu": model, "cores": os.cpu_count(), "amx_bf16": "amx_bf16" in flags,
+            "avx512_bf16": "avx512_bf16" in flags, "load_1min_at_start": round(os.getloadavg()[0], 2)}
+
+
+def run_one(spec: dict) -> dict:
+    """One measurement in this process (a child of :func:`measure`): ``spec["kind"]`` ``plain`` (no Ray,
+    at the Ray workers' niceness) or ``ray`` (a fresh local Ray, shut down after the run). The rows are
+    rebuilt from the tokenizer the parent saved in ``$NANOCHAT_BASE_DIR/tokenizer`` (the same rows in
+    every run). Returns the run's figures and ``load_1min`` at its start and end."""
     import torch
 
-    from nanochat.ray_utils import init_ray
+    from nanochat.model import config_for_depth
+    from nanochat.tokenizer import Tokenizer
 
+    load0 = os.getloadavg()[0]
+    base = Path(os.environ["NANOCHAT_BASE_DIR"])
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(base / "cache" / "torch_compile"))  # the Ray workers' cache
+    tokenizer = Tokenizer.load(base / "tokenizer")
+    rows = make_rows(tokenizer.vocab_size, spec["seq"], spec["n_rows"], seed=1,
+                     tokenizer=tokenizer if spec["text"] else None)
+    if spec["kind"] == "plain":
+        os.nice(max(0, RAY_WORKER_NICENESS - os.nice(0)))
+        config = config_for_depth(spec["depth"], tokenizer.vocab_size, sequence_len=spec["seq"], aspect_ratio=64,
+                                  head_dim=spec["head_dim"])
+        dtype = torch.bfloat16 if spec["dtype"] == "bfloat16" else torch.float32
+        out = plain_loop(config, rows, spec["batch"], spec["steps"], dtype, compiled=spec["compiled"],
+                         optimizer=spec["optimizer"])
+    else:
+        import ray
+
+        from nanochat.ray_utils import init_ray
+
+        init_ray()
+        shape = {k: spec[k] for k in ("depth", "seq", "batch", "head_dim", "steps")}
+        out = ray_path(rows, **shape, dtype=spec["dtype"], optimizer=spec["optimizer"], zero_stage=spec["zero_stage"],
+                       compiled=spec["compiled"], tag=spec["name"])
+        ray.shutdown()
+    return {**out, "load_1min": [round(load0, 2), round(os.getloadavg()[0], 2)]}
+
+
+def measure(spec: dict, base: Path, timeout_s: float = 1800) -> dict:
+    """:func:`run_one` in a fresh Python process with ``NANOCHAT_BASE_DIR=base``; its JSON line.
+
+    Raises:
+        RuntimeError: the run failed (the end of its stderr in the message).
+    """
+    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--one", json.dumps(spec)],
+                          env={**os.environ, "NANOCHAT_BASE_DIR": str(base)}, capture_output=True, text=True,
+                          timeout=timeout_s)
+    lines = proc.stdout.strip().splitlines()
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"bench run {spec['name']} failed (exit {proc.returncode}): {proc.stderr[-3000:]}")
+    return json.loads(lines[-1])
+
+
+def _spec(name: str, kind: str, shape: dict, dtype: str, optimizer: str = "muon_adamw", compiled: bool = True,
+          zero_stage: int = 0, text: bool = True) -> dict:
+    return {"name": name, "kind": kind, **shape, "dtype": dtype, "optimizer": optimizer, "compiled": compiled,
+            "zero_stage": zero_stage, "text": text, "n_rows": shape["batch"] * (shape["steps"] + 4)}
+
+
+def single_sections(args, shape: dict, dtype_name: str, cuda: bool, base: Path) -> dict:
+    """The 1-worker figures: compiled vs eager, Ray vs a plain loop, bf16 vs fp32, peak RSS."""
     total = shape["steps"]
-    init_ray()
+    specs = [
+        _spec("ray_muon_eager", "ray", shape, dtype_name, compiled=False),
+        _spec("ray_muon_compiled", "ray", shape, dtype_name),
+        _spec("plain_muon_compiled", "plain", shape, dtype_name),
+        _spec("ray_adamw_zero0", "ray", shape, dtype_name, optimizer="adamw"),
+        _spec("ray_adamw_zero2", "ray", shape, dtype_name, optimizer="adamw", zero_stage=2),
+        _spec("plain_adamw_compiled", "plain", shape, dtype_name, optimizer="adamw"),
+    ]
+    if not cuda:
+        specs.append(_spec("plain_adamw_fp32", "plain", shape, "float32", optimizer="adamw"))
+    runs: dict[str, list[dict]] = {s["name"]: [] for s in specs}
+    for r in range(args.repeats):  # each round in a rotated order: A/B interleaved
+        for spec in specs[r % len(specs):] + specs[:r % len(specs)]:
+            runs[spec["name"]].append(measure(spec, base))
 
-    muon_eager = ray_path(rows, **shape, dtype=dtype_name, compiled=False, tag="bench-eager")
-    muon_plain_before = plain_loop(config, rows, args.batch, args.steps, dtype, compiled=True, optimizer="muon_adamw")
-    muon_compiled = ray_path(rows, **shape, dtype=dtype_name, compiled=True, tag="bench-compiled")
-    muon_plain = (muon_plain_before + plain_loop(config, rows, args.batch, args.steps, dtype, compiled=True,
-                                                 optimizer="muon_adamw")) / 2
-    before = plain_loop(config, rows, args.batch, args.steps, dtype, compiled=True)
-    ray0 = ray_path(rows, **shape, dtype=dtype_name, optimizer="adamw", compiled=True, tag="bench-z0")
-    ray2 = ray_path(rows, **shape, dtype=dtype_name, optimizer="adamw", zero_stage=2, compiled=True, tag="bench-z2")
-    after = plain_loop(config, rows, args.batch, args.steps, dtype, compiled=True)
-    plain = (before + after) / 2
+    def tps(name: str) -> float:
+        return statistics.median(run["tok_per_sec"] for run in runs[name])
+
+    def first(name: str, key: str):
+        return runs[name][0][key]
+
+    eager, compiled, plain_muon, plain = (tps(n) for n in ("ray_muon_eager", "ray_muon_compiled",
+                                                           "plain_muon_compiled", "plain_adamw_compiled"))
     out = {
-        "eager_tok_per_sec": round(muon_eager["tok_per_sec"], 1),
-        "compiled_tok_per_sec": round(muon_compiled["tok_per_sec"], 1),
-        "compiled_vs_eager": round(muon_compiled["tok_per_sec"] / muon_eager["tok_per_sec"], 3),
-        f"loss_after_{total}_eager": round(muon_eager["loss"], 4),
-        f"loss_after_{total}_compiled": round(muon_compiled["loss"], 4),
-        "plain_muon_tok_per_sec": round(muon_plain, 1),
-        "ratio_muon_compiled_vs_plain": round(muon_compiled["tok_per_sec"] / muon_plain, 3),
-        "plain_tok_per_sec": round(plain, 1), "plain_spread": round(abs(before - after) / plain, 3),
-        "ray_zero0_tok_per_sec": round(ray0["tok_per_sec"], 1), "ray_zero2_tok_per_sec": round(ray2["tok_per_sec"], 1),
-        "ratio_zero0_vs_plain": round(ray0["tok_per_sec"] / plain, 3),
-        "ratio_zero2_vs_plain": round(ray2["tok_per_sec"] / plain, 3),
-        "data_wait_frac_compiled": round(muon_compiled["data_wait_frac"], 4),
-        "mfu_compiled": round(muon_compiled["mfu"], 4), "compile_worked": bool(muon_compiled["compiled"]),
-        "peak_rss_mb": {"tiny_eager": muon_eager["peak_rss_mb"], "tiny_compiled": muon_compiled["peak_rss_mb"]},
+        "repeats": args.repeats, "plain_niceness": RAY_WORKER_NICENESS,
+        "runs": {name: {"tok_per_sec": [round(r["tok_per_sec"], 1) for r in rs],
+                        "loss": [round(r["loss"], 4) for r in rs], "load_1min": [r["load_1min"] for r in rs]}
+                 for name, rs in runs.items()},
+        "eager_tok_per_sec": round(eager, 1), "compiled_tok_per_sec": round(compiled, 1),
+        "compiled_vs_eager": round(compiled / eager, 3),
+        f"loss_after_{total}_eager": round(first("ray_muon_eager", "loss"), 4),
+        f"loss_after_{total}_compiled": round(first("ray_muon_compiled", "loss"), 4),
+        "plain_muon_tok_per_sec": round(plain_muon, 1),
+        "ratio_muon_compiled_vs_plain": round(compiled / plain_muon, 3),
+        "plain_tok_per_sec": round(plain, 1),
+        "ray_zero0_tok_per_sec": round(tps("ray_adamw_zero0"), 1), "ray_zero2_tok_per_sec": round(tps("ray_adamw_zero2"), 1),
+        "ratio_zero0_vs_plain": round(tps("ray_adamw_zero0") / plain, 3),
+        "ratio_zero2_vs_plain": round(tps("ray_adamw_zero2") / plain, 3),
+        "data_wait_frac_compiled": round(statistics.median(r["data_wait_frac"] for r in runs["ray_muon_compiled"]), 4),
+        "mfu_compiled": round(statistics.median(r["mfu"] for r in runs["ray_muon_compiled"]), 4),
+        "compile_worked": all(bool(r["compiled"]) for r in runs["ray_muon_compiled"]),
+        "peak_rss_mb": {"tiny_eager": first("ray_muon_eager", "peak_rss_mb"),
+                        "tiny_compiled": first("ray_muon_compiled", "peak_rss_mb")},
     }
     if not cuda:
-        n = max(10, args.steps // 2)
-        bf16 = plain_loop(config, rows, args.batch, n, torch.bfloat16, compiled=True)
-        fp32 = plain_loop(config, rows, args.batch, n, torch.float32, compiled=True)
-        out["cpu_bf16_vs_fp32_plain"] = round(bf16 / fp32, 3)
+        out["cpu_bf16_vs_fp32_plain"] = round(plain / tps("plain_adamw_fp32"), 3)
     if args.d12_steps > 0:
-        d12_tok = _tokenizer(65536, base)  # replaces the tiny runs' tokenizer (they are done)
-        d12_rows = make_rows(d12_tok.vocab_size, 2048, args.d12_steps + 2, seed=1)
-        d12 = {"depth": 12, "seq": 2048, "batch": 1, "head_dim": 128, "steps": args.d12_steps, "dtype": dtype_name}
+        d12_base = base / "d12"  # its own tokenizer (vocab 65536) and compile cache
+        _tokenizer(65536, d12_base)
+        d12 = {"depth": 12, "seq": 2048, "batch": 1, "head_dim": 128, "steps": args.d12_steps}
         for compiled in (False, True):
-            run = ray_path(d12_rows, **d12, compiled=compiled, tag=f"bench-d12-{compiled}")
-            out["peak_rss_mb"][f"d12_{'compiled' if compiled else 'eager'}"] = run["peak_rss_mb"]
+            name = f"d12_{'compiled' if compiled else 'eager'}"
+            spec = {**_spec(name, "ray", d12, dtype_name, compiled=compiled, text=False), "n_rows": args.d12_steps + 2}
+            out["peak_rss_mb"][name] = measure(spec, d12_base)["peak_rss_mb"]
     rss = out["peak_rss_mb"]
     out["peak_rss_compiled_vs_eager"] = {k: round(rss[f"{k}_compiled"] / rss[f"{k}_eager"], 3)
                                          for k in ("tiny", "d12") if f"{k}_eager" in rss}

@@ -23,6 +23,8 @@ log = get_logger(__name__)
 
 # How long Ctrl-C / SIGTERM may take to stop a command and the Ray it started (docs/troubleshooting.md).
 STOP_TIMEOUT_S = 15.0
+# How long a Train run waits for an earlier run of the same name (a stopped job's, winding down) to end.
+EARLIER_RUN_WAIT_S = 60.0
 _KILL_GRACE_S = 1.0  # SIGTERM, then SIGKILL after this long
 
 _session_dir: str | None = None  # the embedded Ray this process started (None: none, or a joined cluster)
@@ -41,7 +43,16 @@ def on_stop(hook: Callable[[], None]) -> None:
 
 
 def raise_interrupt(signum: int, frame: Any) -> None:
-    """The SIGTERM handler of a stopping command: unwind like Ctrl-C."""
+    """The SIGTERM handler of a stopping command: do what Ctrl-C does, then unwind.
+
+    A graceful Ctrl-C handler that a library installed runs first: Ray Train's aborts the run (its
+    workers end now, the run is marked ABORTED) instead of leaving the controller and workers to
+    die with this driver seconds later, while a job resubmitted at once may already train the run.
+    """
+    handler = signal.getsignal(signal.SIGINT)
+    if callable(handler) and handler not in (signal.default_int_handler, raise_interrupt, _ignore):
+        with contextlib.suppress(SystemExit):  # Train's exits once the run is aborted: still an interrupt
+            handler(signal.SIGINT, frame)
     raise KeyboardInterrupt
 
 
@@ -277,3 +288,63 @@ def _kill(procs: list, grace_s: float) -> None:
         with contextlib.suppress(psutil.Error):
             proc.kill()
     psutil.wait_procs(alive, timeout=grace_s)
+
+
+# ---- a stopped job's Train run, still winding down ------------------------------------------------
+
+
+def wait_for_earlier_run(name: str, timeout_s: float = EARLIER_RUN_WAIT_S, poll_s: float = 0.5) -> bool:
+    """Wait until no earlier Ray Train run named ``name`` has a live controller or worker (bounded).
+
+    After ``ray job stop`` (SIGTERM, then SIGKILL 3 s later) the job counts as STOPPED while its
+    Train controller and workers still run for seconds; a job resubmitted at once would train the
+    same run (same storage) alongside them. Runs are found through Train's state actor (with the
+    dashboard or on a cluster); without one, nothing is waited for. Returns True when none is
+    alive, False when ``timeout_s`` passed (logged; training then starts anyway).
+    """
+    live = _live_train_actors(name)
+    if not live:
+        return True
+    log.warning("an earlier Train run '%s' is still running (%d live actors: a stopped job winding down?); "
+                "waiting up to %.0f s for it to end", name, len(live), timeout_s)
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout_s:
+        time.sleep(poll_s)
+        if not _live_train_actors(name):
+            log.warning("the earlier Train run '%s' ended after %.1f s; starting", name, time.monotonic() - t0)
+            return True
+    log.warning("the earlier Train run '%s' is still running after %.0f s; starting anyway", name, timeout_s)
+    return False
+
+
+def _live_train_actors(name: str) -> list[str]:
+    """Actor IDs of the controllers, and of their latest attempt's workers, of Train runs named ``name``
+    that the GCS does not yet list as DEAD ([] when Train's state actor is absent or cannot answer)."""
+    import ray
+
+    try:
+        from ray.train.v2._internal.state.state_actor import get_state_actor
+
+        actor = get_state_actor()
+        if actor is None:
+            return []
+        runs = ray.get(actor.get_train_runs.remote(), timeout=10)
+        attempts = ray.get(actor.get_train_run_attempts.remote(), timeout=10)
+    except Exception as err:  # noqa: BLE001 - an internal API of Ray 2.60: never block training on it
+        log.debug("cannot list Train runs: %s", err)
+        return []
+    ids = []
+    for run in runs.values():
+        if run.name == name:
+            latest = list(attempts.get(run.id, {}).values())[-1:]
+            ids += [run.controller_actor_id, *(w.actor_id for a in latest for w in a.workers)]
+    return [i for i in ids if _actor_alive(i)]
+
+
+def _actor_alive(actor_id: str) -> bool:
+    from ray._private.state import actors
+
+    try:
+        return actors(actor_id=actor_id).get("State", "DEAD") != "DEAD"
+    except Exception:  # noqa: BLE001 - unknown to the GCS: gone
+        return False

@@ -99,6 +99,7 @@ def init_ray(num_cpus: int | None = None, quiet: bool = True, base: str | os.Pat
         os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_TRACKING", "1")
     filtered = quiet and worker_output_filterable()
     session_dir, api_server, port_chosen = None, None, False
+    handler = signal.getsignal(signal.SIGTERM)  # ray.init replaces it with sys.exit, joining or starting
     if os.environ.get("RAY_ADDRESS"):
         # Inside `ray job submit` the job's runtime env is fixed; passing ours would fail to merge.
         context = ray.init(log_to_driver=filtered or not quiet, logging_level="WARNING" if quiet else "INFO")
@@ -116,7 +117,6 @@ def init_ray(num_cpus: int | None = None, quiet: bool = True, base: str | os.Pat
         # `ray job submit --address X` honours RAY_API_SERVER_ADDRESS before its own --address.
         api_server = f"http://127.0.0.1:{port}" if port is not None else NO_API_SERVER
         env[API_SERVER_ENV], port_chosen = api_server, port is not None
-        handler = signal.getsignal(signal.SIGTERM)
         context = ray.init(
             address="local",  # a new embedded cluster even when a `ray start` cluster runs on this host
             num_cpus=num_cpus,
@@ -128,11 +128,11 @@ def init_ray(num_cpus: int | None = None, quiet: bool = True, base: str | os.Pat
             logging_level="WARNING" if quiet else "INFO",
             configure_logging=True,
         )
-        if handler is raise_interrupt:  # ray.init replaces it with sys.exit; keep the command's own
-            signal.signal(signal.SIGTERM, handler)
         node = getattr(ray._private.worker, "_global_node", None)
         session_dir = node.get_session_dir_path() if node is not None else None
         where = f"started a local Ray ({num_cpus} logical CPUs on {cores} cores)"
+    if handler is raise_interrupt:  # keep the command's own (a `ray job stop` too must abort the Train run)
+        signal.signal(signal.SIGTERM, handler)
     track_session(session_dir)
     route_worker_output(filtered, quiet)
     url = getattr(context, "dashboard_url", None)

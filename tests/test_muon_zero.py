@@ -297,8 +297,10 @@ def test_train_stage_with_two_workers_zero2_muon_matches_zero0(base_dir, tiny_to
     for stage in (0, 2):
         result = train_stage(
             "pretrain", "tiny", num_workers=2, tag=f"muon_z{stage}",
+            # fp32 as in the unit comparisons (LOSS_TOL's precision; `dtype: auto` is bf16 on an AMX Xeon)
             overrides=tiny_overrides(steps=steps) + [f"pretrain.zero_stage={stage}", "pretrain.compile=false",
-                                                     "pretrain.report_every=1", "pretrain.eval_every=-1"],
+                                                     "pretrain.report_every=1", "pretrain.eval_every=-1",
+                                                     "pretrain.dtype=float32"],
             datasets=token_datasets(tiny_tokenizer, 32, train_rows=200, val_rows=32),
         )
         records = [r for r in read_jsonl(result.metrics_path) if "train/raw_loss" in r]

@@ -95,6 +95,33 @@ def test_muon_adamw_step_lowers_a_regression_loss():
     assert losses[-1] < 0.7 * losses[0]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_muon_steps_same_shape_matrices_together_as_it_would_one_at_a_time(dtype):
+    """MuonAdamW stacks the matrices of one shape into one batched Newton-Schulz: each matrix must take
+    the step it takes alone (bf16 too: tall matrices are transposed into contiguous copies for that)."""
+    torch.manual_seed(0)
+    shapes = [(1024, 256)] * 7 + [(256, 256), (256, 1024)]  # 7 tall: where the layout mattered (bf16)
+    data = [torch.randn(s) for s in shapes]
+    grads = [[torch.randn(s) for s in shapes] for _ in range(3)]
+
+    def run(groups_of: list[list[int]]) -> tuple[list[torch.Tensor], list[int]]:
+        params = [torch.nn.Parameter(d.clone()) for d in data]
+        opts = [MuonAdamW([{"params": [params[i] for i in ids], "kind": "muon", "lr": 0.1}], ns_dtype=dtype)
+                for ids in groups_of]
+        for step_grads in grads:
+            for p, g in zip(params, step_grads):
+                p.grad = g.clone()
+            for opt in opts:
+                opt.step()
+        return [p.detach() for p in params], [c for opt in opts for c in opt.ns_counts]
+
+    together, counts = run([list(range(len(shapes)))])
+    alone, _ = run([[i] for i in range(len(shapes))])
+    assert counts == [3] * len(shapes)  # every matrix counted at every step, stacked or not
+    for a, b, d in zip(together, alone, data):
+        assert torch.equal(a, b) and not torch.equal(a, d)
+
+
 def test_bits_per_byte_skips_special_and_ignored_targets():
     token_bytes = torch.tensor([1, 2, 3, 0])  # id 3 is special
     per_token = torch.tensor([1.0, 1.0, 5.0, 7.0])

@@ -9,7 +9,8 @@ starts with BOS and nothing is padded; ``stream`` concatenates documents and cut
 packing buffer is one batch of ``pack_buffer`` documents (nanochat keeps a rolling 1000).
 
 Determinism: ordering is preserved (``preserve_order``) and every stage is a pure function of its
-batch, so the same preset gives the same rows in the same order on every run. Epoch ``e > 0``
+batch (but the resume's :class:`SkipRows`, which runs on one actor strictly in stream order), so the
+same preset gives the same rows in the same order on every run. Epoch ``e > 0``
 visits the train files in an order permuted by ``data.seed + e``.
 
 The trainer caps how far the stream may run ahead (``ingest_buffer_bytes``: backpressure), so the
@@ -104,17 +105,68 @@ class TokenizeAndPack:
 
 
 class SkipRows:
-    """Drop the first ``n`` rows of an ordered stream (single actor: it sees batches in order)."""
+    """Drop the first ``n`` rows of an ordered stream; right only if it sees the blocks in stream order.
+
+    Ray Data 2.60 runs a map actor's tasks out of order by default (two in flight, and a task whose
+    input block is already local, e.g. a small one inlined in the call, overtakes one whose block is
+    still being fetched) and restarts a dead actor (the count starts over): either drops the wrong
+    rows, which a resumed run then trains again. :func:`tokenized_dataset` runs this stage with
+    :data:`SKIP_ROWS_OPTIONS` (one actor, one task at a time, in order, no restart); should a block
+    of the stream still arrive after rows of a later block were dropped, this raises RuntimeError.
+    """
 
     def __init__(self, n: int):
         self.remaining = n
+        self.cut_block = -1  # the latest block (Ray Data task index) rows were dropped from
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        block = _task_index()
+        if block is not None and block < self.cut_block:
+            raise RuntimeError(f"SkipRows got block {block} of the stream after dropping rows of block "
+                               f"{self.cut_block}: its blocks arrived out of order, so it dropped the wrong rows")
         if self.remaining <= 0:
             return batch
         k = min(self.remaining, len(batch["inputs"]))
         self.remaining -= k
+        if block is not None:
+            self.cut_block = max(self.cut_block, block)
         return {key: value[k:] for key, value in batch.items()}
+
+
+# How the SkipRows stage runs (see SkipRows): one task in flight, executed in submission order, no restart.
+SKIP_ROWS_TASKS_IN_FLIGHT = 1
+SKIP_ROWS_OPTIONS = {"allow_out_of_order_execution": False, "max_restarts": 0}
+
+
+
+def skip_first_rows(ds, n: int, udf: type[SkipRows] = SkipRows):
+    """``ds`` (ordered, with an ``inputs`` column) without its first ``n`` rows: ``udf`` on one actor, in order."""
+    import ray.data
+
+    with warnings.catch_warnings():  # Ray 2.60 deprecates actor options as **kwargs, and offers no other way
+        warnings.filterwarnings("ignore", message=".*ray_remote_args.*is deprecated")
+        return ds.map_batches(
+            udf,
+            fn_constructor_kwargs={"n": n},
+            batch_size=None,
+            batch_format="numpy",
+            # "true multi-threading" with one task in flight: the UDF runs in the task's own thread, where
+            # Ray Data's TaskContext (the block's index, which SkipRows checks) is visible.
+            compute=ray.data.ActorPoolStrategy(size=1, max_tasks_in_flight_per_actor=SKIP_ROWS_TASKS_IN_FLIGHT,
+                                               enable_true_multi_threading=True),
+            num_cpus=0.1,
+            **SKIP_ROWS_OPTIONS,
+        )
+
+
+def _task_index() -> int | None:
+    """The running Ray Data task's index in its operator (tasks are numbered in input order), else None."""
+    try:
+        from ray.data._internal.execution.interfaces.task_context import TaskContext
+    except ImportError:  # another Ray version: SkipRows then relies on SKIP_ROWS_OPTIONS alone
+        return None
+    ctx = TaskContext.get_current()
+    return ctx.task_idx if ctx is not None else None
 
 
 @contextlib.contextmanager
@@ -198,14 +250,7 @@ def tokenized_dataset(
             num_cpus=DATA_CPUS,
         )
         if skip_rows > 0:
-            ds = ds.map_batches(
-                SkipRows,
-                fn_constructor_kwargs={"n": skip_rows},
-                batch_size=None,
-                batch_format="numpy",
-                compute=ray.data.ActorPoolStrategy(size=1),
-                num_cpus=0.1,
-            )
+            ds = skip_first_rows(ds, skip_rows)
     return ds
 
 

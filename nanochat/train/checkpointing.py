@@ -15,7 +15,9 @@ the driver (:mod:`nanochat.train.resume`, :mod:`nanochat.train.trainer`) reads t
 
 from __future__ import annotations
 
+import hashlib
 import json
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -34,7 +36,9 @@ class TrainState(BaseModel):
 
     Rows are dataset rows (one row = one ``sequence_len`` sample); ``rows_in_epoch`` is per worker,
     counted from the start of the epoch; ``ema`` is the smoothed train loss's state
-    (:class:`nanochat.train.metrics.EMA`); ``world_size`` is None only for a fresh run.
+    (:class:`nanochat.train.metrics.EMA`); ``world_size`` is None only for a fresh run;
+    ``next_batch``: :func:`batch_digest` of the micro-batch the run trains next (one worker only,
+    see :func:`check_first_batch`; None in older checkpoints and where it is not recorded).
     """
 
     model_config = ConfigDict(extra="ignore")
@@ -48,6 +52,7 @@ class TrainState(BaseModel):
     zero_stage: int = 0
     ema: dict[str, float] | None = None
     train_seconds: float = 0.0
+    next_batch: str | None = None
 
 
 def model_dir(folder: str | Path, step: int) -> Path:
@@ -133,3 +138,49 @@ def data_position(state: TrainState, dataset_skip_rows: int, world: int) -> tupl
         )
     return state.epoch, position - first_row, first_row
 
+
+
+def batch_digest(batch: Mapping[str, torch.Tensor]) -> str:
+    """A fingerprint of one micro-batch: sha256 (16 hex digits) over each column's name, shape, dtype and values."""
+    h = hashlib.sha256()
+    for key in sorted(batch):
+        t = batch[key].detach().cpu().contiguous()
+        h.update(f"{key}:{tuple(t.shape)}:{t.dtype};".encode())
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def records_next_batch(world: int) -> bool:
+    """Whether a run of ``world`` workers records and checks :attr:`TrainState.next_batch`.
+
+    Only one worker: its shard is the whole ordered stream, so the position fixes the next batch.
+    With several, Ray's streaming split hands each block to whichever worker asks first, so which
+    rows a worker trains next is not a function of the position (the global row count still is).
+    """
+    return world == 1
+
+
+def check_first_batch(state: TrainState, world: int, batch: Mapping[str, torch.Tensor], dataset_skip_rows: int,
+                      replayed_rows: int) -> None:
+    """A resumed worker's first micro-batch must be the one its checkpoint recorded as next.
+
+    ``dataset_skip_rows``: rows the driver's stream starts past; ``replayed_rows``: rows this worker
+    read and dropped before this batch. Checked only where it is sound (:func:`records_next_batch`
+    for the checkpoint's and this run's worker counts) and when the checkpoint recorded a digest.
+
+    Raises:
+        RuntimeError: the batch is another one: the stream did not start where the checkpoint
+            stopped (rows dropped wrongly, or the data or its order changed); names both positions.
+    """
+    if state.next_batch is None or not (records_next_batch(state.world_size or 0) and records_next_batch(world)):
+        return
+    got = batch_digest(batch)
+    if got != state.next_batch:
+        at = state.rows_consumed_per_worker if state.epoch == 0 else state.rows_in_epoch
+        raise RuntimeError(
+            f"resumed at the wrong data position: the checkpoint of step {state.step} recorded the micro-batch "
+            f"after row {at} of epoch {state.epoch} (digest {state.next_batch}), but this worker's first "
+            f"micro-batch, read {dataset_skip_rows} rows into the stream and {replayed_rows} rows replayed, has "
+            f"digest {got}: the stream does not continue where the checkpoint stopped (rows dropped wrongly, or "
+            "the data or its order changed); rerun, or start over with --restart"
+        )

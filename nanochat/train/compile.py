@@ -5,7 +5,7 @@ DeepSpeed's ``engine.compile()`` (it calls ``nn.Module.compile`` in place, so pa
 checkpoint format and ``engine.module`` stay as they are), with ``dynamic=False`` because every
 training micro-batch has the same shape (packed rows of T tokens in pretraining and mid-training,
 SFT rows right-padded to T); and Muon's Newton-Schulz step
-(:func:`nanochat.train.optim.compiled_orthogonalize`, one graph per matrix shape), as nanochat
+(:func:`nanochat.train.optim.compiled_orthogonalize`, one graph per stack of same-shape matrices), as nanochat
 compiles both. Evaluation, sampling (KV-cache decoding) and SFT letter accuracy change shape from
 call to call, so they run eager (:func:`eager`).
 

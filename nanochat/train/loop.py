@@ -23,8 +23,9 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import nullcontext
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -37,11 +38,14 @@ from nanochat.config import TrainSettings
 from nanochat.losses import bits_per_byte, loss_nats_and_bytes
 from nanochat.train.checkpointing import (
     TrainState,
+    batch_digest,
+    check_first_batch,
     data_position,
     full_model_state,
     load_engine_state,
     model_dir,
     read_train_state,
+    records_next_batch,
     save_engine_state,
     write_train_state,
 )
@@ -85,6 +89,10 @@ def deepspeed_engine(model, settings: TrainSettings, dtype: torch.dtype, accum: 
     )
     remember_initial_lrs(optimizer)
     attach_zero(optimizer)  # Muon under ZeRO 1-3: where each matrix lies in the flat partitions
+    if settings.zero_stage == 0 and engine.dp_world_size == 1:
+        # Alone, DeepSpeed's gradient all-reduce only flattens every gradient into a buffer and copies it
+        # back (~5% of a tiny-model step on 2 CPU cores); there is nothing to average.
+        engine.enable_backward_allreduce = False
     return engine, optimizer, client_opt
 
 
@@ -114,20 +122,25 @@ class TrainData:
 
     ``first_row``: rows of the epoch the shard already starts past (a pretraining stream rebuilt past
     the consumed rows), so ``rows_in_epoch`` counts from the epoch's start; ``skip_rows``: rows to
-    read and drop after that (replaying a finite dataset up to the checkpoint's position).
+    read and drop after that (replaying a finite dataset up to the checkpoint's position);
+    ``check_first``: called with the first batch trained (a resumed run checks its data position).
     """
 
     def __init__(self, shard, batch_size: int, device: torch.device, epoch: int = 0, skip_rows: int = 0,
-                 first_row: int = 0):
+                 first_row: int = 0, check_first: Callable[[dict[str, torch.Tensor]], None] | None = None):
         self.shard, self.batch_size, self.device = shard, batch_size, device
         self.epoch, self.rows_in_epoch, self.rows_consumed = epoch, first_row, 0
         self._skip = skip_rows
         self._it: Iterator | None = None
+        self._check = check_first
+        self._peeked: tuple[dict[str, torch.Tensor], bool] | None = None
 
     def _batches(self) -> Iterator[dict[str, torch.Tensor]]:
         return iter(self.shard.iter_torch_batches(batch_size=self.batch_size, drop_last=True, prefetch_batches=2))
 
-    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def _pull(self) -> tuple[dict[str, torch.Tensor], bool]:
+        """The next batch and whether it starts a new epoch (the epoch counters move in :meth:`next`)."""
+        new_epoch = False
         while True:
             if self._it is None:
                 self._it = self._batches()
@@ -137,10 +150,25 @@ class TrainData:
                     self.rows_in_epoch += self.batch_size
             batch = next(self._it, None)
             if batch is not None:
-                break
-            if self.rows_in_epoch == 0:
+                return batch, new_epoch
+            if self.rows_in_epoch == 0 or new_epoch:
                 raise RuntimeError("the training dataset yielded no full batch: it has fewer rows than device_batch_size")
-            self._it, self.epoch, self.rows_in_epoch = None, self.epoch + 1, 0
+            self._it, new_epoch = None, True
+
+    def peek(self) -> dict[str, torch.Tensor]:
+        """The batch the next :meth:`next` returns, read now and kept for it (nothing counted)."""
+        if self._peeked is None:
+            self._peeked = self._pull()
+        return self._peeked[0]
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+        batch, new_epoch = self._peeked or self._pull()
+        self._peeked = None
+        if new_epoch:
+            self.epoch, self.rows_in_epoch = self.epoch + 1, 0
+        if self._check is not None:
+            check, self._check = self._check, None
+            check(batch)
         self.rows_in_epoch += self.batch_size
         self.rows_consumed += self.batch_size
         x = batch["inputs"].to(self.device, dtype=torch.long, non_blocking=True)
@@ -292,7 +320,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     start_step = resumed.step
     epoch, skip_rows, first_row = data_position(resumed, cfg.dataset_skip_rows, world)
     data = TrainData(ray.train.get_dataset_shard("train"), settings.device_batch_size, device, epoch=epoch,
-                     skip_rows=skip_rows, first_row=first_row)
+                     skip_rows=skip_rows, first_row=first_row,
+                     check_first=partial(check_first_batch, resumed, world, dataset_skip_rows=cfg.dataset_skip_rows,
+                                         replayed_rows=skip_rows))
     data.rows_consumed = resumed.rows_consumed_per_worker
     if resumed.world_size and resumed.world_size != world:  # an elastic resize: the same rows in all, re-divided
         data.rows_consumed = resumed.rows_consumed_per_worker * resumed.world_size // world
@@ -314,7 +344,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     kill_at = cfg.kill_at if rank == 0 else None  # test seam, see nanochat.train.killpoints
 
-    def save_and_report(step: int, metrics: dict[str, Any]) -> None:
+    def save_and_report(step: int, metrics: dict[str, Any], last: bool) -> None:
+        # The next micro-batch's digest (read now, trained next): a resume checks its data position against it.
+        next_batch = batch_digest(data.peek()) if records_next_batch(world) and not last else None
         tmp = Path(tempfile.mkdtemp(prefix=f"nanochat-ckpt-{rank}-"))
         save_engine_state(engine, tmp)
         weights = full_model_state(engine, settings.zero_stage, rank)
@@ -326,6 +358,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 step=step, epoch=data.epoch, rows_in_epoch=data.rows_in_epoch,
                 rows_consumed_per_worker=data.rows_consumed, rows_consumed=data.rows_consumed * world,
                 world_size=world, zero_stage=settings.zero_stage, ema=ema.state(), train_seconds=time.time() - wall0,
+                next_batch=next_batch,
             ))
         kill_if_due(kill_at, "before_copy", step)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(tmp)),
@@ -392,7 +425,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 **optimizer_metrics(optimizer, device),
             })
             if save_due:
-                save_and_report(step, metrics)
+                save_and_report(step, metrics, last)
             else:
                 ray.train.report(metrics)
             meter.reset()  # reporting/eval time is not training throughput

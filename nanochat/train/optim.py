@@ -10,7 +10,11 @@ The Newton-Schulz step runs in the training compute dtype: bf16 where training a
 (the reference's choice, made for GPUs), fp32 where it trains in fp32 (CPUs that emulate bf16 run
 the bf16 iteration ~3x slower than fp32; on a 2-core Xeon without avx512_bf16 it was about half of a
 tiny-model step). With ``compile`` on, the loop swaps in :func:`compiled_orthogonalize` (one graph per
-matrix shape; nanochat compiles the same function).
+input shape; nanochat compiles the same function). Where whole matrices are at hand (ZeRO 0), the
+matrices of one shape are orthogonalized together, stacked into one batched iteration: fewer, larger
+matmuls (the tiny model's 24 Newton-Schulz chains become 3; its optimizer step took 43 ms instead of
+66 ms on 2 AMX Xeon cores), with each matrix's result bit for bit what it gets alone (see
+:func:`orthogonalize`).
 
 Muon needs whole matrices, and runs under every ZeRO stage: at ZeRO 0 each rank orthogonalizes
 the (all-reduced) gradient of every matrix; under ZeRO 1/2/3, where DeepSpeed hands the optimizer
@@ -39,13 +43,16 @@ ADAMW_EPS = 1e-10
 def orthogonalize(grad: torch.Tensor, steps: int = 5, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     """Approximately replace ``grad``'s singular values by 1, computed in ``dtype`` (bf16 like the reference).
 
-    ``grad``: ``(..., rows, cols)``; returns the same shape in ``dtype``.
+    ``grad``: ``(..., rows, cols)``, one matrix or a stack (each normalized on its own); returns the same
+    shape in ``dtype``. Tall matrices are worked on as a contiguous transposed copy: then (eager, on CPU,
+    measured) a matrix gets the same bits alone as in a stack, so ZeRO 1/2 (a matrix at a time) and
+    ZeRO 0 (stacks) take the same steps.
     """
     a, b, c = _NS_COEFFS
     x = grad.to(dtype)
     transposed = x.size(-2) > x.size(-1)
     if transposed:
-        x = x.mT
+        x = x.mT.contiguous()
     x = x / (x.norm(dim=(-2, -1), keepdim=True) + 1e-7)
     for _ in range(steps):
         gram = x @ x.mT
@@ -55,7 +62,7 @@ def orthogonalize(grad: torch.Tensor, steps: int = 5, dtype: torch.dtype = torch
 
 @functools.cache
 def compiled_orthogonalize():
-    """:func:`orthogonalize` under ``torch.compile`` (fixed shapes: one graph per matrix shape)."""
+    """:func:`orthogonalize` under ``torch.compile`` (fixed shapes: one graph per input shape)."""
     return torch.compile(orthogonalize, dynamic=False)
 
 
@@ -120,10 +127,14 @@ class MuonAdamW(torch.optim.Optimizer):
             )
         return layout
 
-    def orthogonalized(self, index: int, u: torch.Tensor, steps: int = 5) -> torch.Tensor:
-        """Newton-Schulz of matrix ``index``'s momentum ``u`` (rows x cols), in ``ns_dtype``; counted."""
+    def orthogonalized(self, index: int | list[int], u: torch.Tensor, steps: int = 5) -> torch.Tensor:
+        """Newton-Schulz of matrix ``index``'s momentum ``u`` (rows x cols), in ``ns_dtype``; counted.
+
+        A list of ``n`` indices takes their momenta stacked, ``u`` of shape (n, rows, cols): one batched
+        orthogonalization (each matrix normalized on its own), returned stacked the same way."""
         ns = compiled_orthogonalize() if self.compiled else orthogonalize
-        self.ns_counts[index] += 1
+        for i in [index] if isinstance(index, int) else index:
+            self.ns_counts[i] += 1
         return ns(u, steps, self.ns_dtype)
 
     @torch.no_grad()
@@ -143,21 +154,27 @@ class MuonAdamW(torch.optim.Optimizer):
         from nanochat.train.muon_zero import partition_step
 
         momentum = group["momentum"]
+        same_shape: dict[tuple[int, int], list[torch.Tensor]] = {}
         for p in group["params"]:
             if p.dim() != 2:  # a flat ZeRO partition of several matrices
                 partition_step(self, group, self._partition(p))
-                continue
-            if p.grad is None:
-                continue
-            state = self.state[p]
-            if "momentum_buffer" not in state:
-                state["momentum_buffer"] = torch.zeros_like(p.grad)
-            buf = state["momentum_buffer"]
-            buf.lerp_(p.grad, 1 - momentum)
-            g = p.grad.lerp(buf, momentum) if group["nesterov"] else buf
-            update = self.orthogonalized(self.matrix_index(p), g, group["ns_steps"]).to(p.dtype)
-            scale = max(1.0, p.size(-2) / p.size(-1)) ** 0.5
-            p.add_(update, alpha=-group["lr"] * scale)
+            elif p.grad is not None:
+                same_shape.setdefault(tuple(p.shape), []).append(p)
+        # Whole matrices: those of one shape in one batched Newton-Schulz, the elementwise parts as foreach ops.
+        for (rows, cols), params in same_shape.items():
+            grads = [p.grad for p in params]
+            bufs = [self._momentum_buffer(p) for p in params]
+            torch._foreach_lerp_(bufs, grads, 1 - momentum)
+            u = torch._foreach_lerp(grads, bufs, momentum) if group["nesterov"] else bufs
+            update = self.orthogonalized([self.matrix_index(p) for p in params], torch.stack(u), group["ns_steps"])
+            scale = max(1.0, rows / cols) ** 0.5
+            torch._foreach_add_(params, update.to(params[0].dtype).unbind(0), alpha=-group["lr"] * scale)
+
+    def _momentum_buffer(self, p: torch.Tensor) -> torch.Tensor:
+        state = self.state[p]
+        if "momentum_buffer" not in state:
+            state["momentum_buffer"] = torch.zeros_like(p.grad)
+        return state["momentum_buffer"]
 
     def _adamw_step(self, group: dict[str, Any]) -> None:
         beta1, beta2 = group["betas"]

@@ -277,6 +277,7 @@ def train_stage(
         tag = tag or checkpoint_tag(source, meta)
     num_params, _ = _num_params(model_config)
 
+    from nanochat.ray_stop import wait_for_earlier_run
     from nanochat.ray_utils import cluster_has_gpus, init_ray, worker_env
 
     init_ray(num_cpus=preset.ray.num_cpus, base=base)
@@ -290,6 +291,8 @@ def train_stage(
     name = run_name or f"{stage}-{tag}"
     run = run_path(storage, name)
     keep = settings.keep_checkpoints
+    # A stopped job's run of this name can still report for seconds: read the record, and train, after it ended.
+    wait_for_earlier_run(name)
     # Ray's record is the one source of truth for the resume point: the workers get its latest
     # checkpoint from ray.train.get_checkpoint(), the driver reads the same record here.
     record = [] if restart else read_run_record(run)
