@@ -153,9 +153,8 @@ class Decoder:
         start = time.perf_counter()
         saved = self.cache.seqlens.clone()
         for size in self.buckets:
-            if self._compiled is not None:
-                self._run_compiled([0] * size, [0] * size)
-            if self._compiled is None:
+            self._run_compiled([0] * size, [0] * size)  # builds the bucket's graph
+            if self._compiled is None:  # it failed to build: eager from here on
                 break
             if self.mode == "measure":
                 if not self._measure(size):
@@ -169,7 +168,8 @@ class Decoder:
     def _measure(self, size: int, rounds: int = 7, steps: int = 3) -> bool:
         """Time the eager and the compiled step of ``size`` rows in alternation (best of ``rounds``) at a
         half-full context (eager attention reads that many keys, the graph all ``max_len``); True if the
-        compiled one is at least :data:`MEASURE_MARGIN` faster."""
+        compiled one is at least :data:`MEASURE_MARGIN` faster. The bucket's graph is built already
+        (:meth:`warmup`), so the timed calls run it."""
         ids, positions = [0] * size, [max(self.cache.max_len // 2 - 1, 0)] * size
         best = {"eager": float("inf"), "compiled": float("inf")}
         for _ in range(rounds):
@@ -178,8 +178,6 @@ class Decoder:
                 for _ in range(steps):
                     run(ids, positions)
                 best[name] = min(best[name], (self.clock() - start) / steps)
-            if self._compiled is None:  # the graph failed at run time: eager it is
-                return False
         faster = best["compiled"] < best["eager"] * (1 - MEASURE_MARGIN)
         self.measured[size] = {"eager_ms": round(best["eager"] * 1e3, 3), "compiled_ms": round(best["compiled"] * 1e3, 3)}
         log.info("decode step, %d row(s): eager %.2f ms, compiled %.2f ms -> %s", size, best["eager"] * 1e3,

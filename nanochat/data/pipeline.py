@@ -138,7 +138,6 @@ SKIP_ROWS_TASKS_IN_FLIGHT = 1
 SKIP_ROWS_OPTIONS = {"allow_out_of_order_execution": False, "max_restarts": 0}
 
 
-
 def skip_first_rows(ds, n: int, udf: type[SkipRows] = SkipRows):
     """``ds`` (ordered, with an ``inputs`` column) without its first ``n`` rows: ``udf`` on one actor, in order."""
     import ray.data

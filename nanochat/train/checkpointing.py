@@ -110,14 +110,19 @@ def full_model_state(engine, zero_stage: int, rank: int) -> dict[str, torch.Tens
     return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()} if rank == 0 else None
 
 
+def epoch_position(state: TrainState) -> int:
+    """Rows a worker had consumed in the checkpoint's epoch: pretraining never leaves epoch 0, where that is
+    every row it consumed (``rows_in_epoch`` of older checkpoints counted from where a rebuilt stream began)."""
+    return state.rows_consumed_per_worker if state.epoch == 0 else state.rows_in_epoch
+
+
 def data_position(state: TrainState, dataset_skip_rows: int, world: int) -> tuple[int, int, int]:
     """Where a resumed worker's data starts: ``(epoch, rows to read and drop, rows the shard starts past)``.
 
     ``state``: the checkpoint's (``TrainState()`` for a fresh run); ``dataset_skip_rows``: global rows
     the driver's dataset already starts past (a pretraining stream rebuilt at the checkpoint's
-    position, taken from the same recorded checkpoint). Per worker, rows consumed in the checkpoint's
-    epoch: pretraining never leaves epoch 0, where that is every row consumed (``rows_in_epoch`` of older
-    checkpoints counted from where the rebuilt stream began).
+    position, taken from the same recorded checkpoint). Per worker, the position is
+    :func:`epoch_position`.
 
     An elastic run that resumes with another worker count (``state.world_size != world``) keeps the
     global position: the same number of rows in all, divided among the new workers (exact for a
@@ -126,7 +131,7 @@ def data_position(state: TrainState, dataset_skip_rows: int, world: int) -> tupl
     Raises:
         RuntimeError: the dataset starts past the checkpoint (the two came from different checkpoints).
     """
-    position = state.rows_consumed_per_worker if state.epoch == 0 else state.rows_in_epoch
+    position = epoch_position(state)
     if state.world_size and state.world_size != world:
         position = position * state.world_size // world
     first_row = dataset_skip_rows // world
@@ -137,7 +142,6 @@ def data_position(state: TrainState, dataset_skip_rows: int, world: int) -> tupl
             "rerun (or start over with --restart)"
         )
     return state.epoch, position - first_row, first_row
-
 
 
 def batch_digest(batch: Mapping[str, torch.Tensor]) -> str:
@@ -176,7 +180,7 @@ def check_first_batch(state: TrainState, world: int, batch: Mapping[str, torch.T
         return
     got = batch_digest(batch)
     if got != state.next_batch:
-        at = state.rows_consumed_per_worker if state.epoch == 0 else state.rows_in_epoch
+        at = epoch_position(state)
         raise RuntimeError(
             f"resumed at the wrong data position: the checkpoint of step {state.step} recorded the micro-batch "
             f"after row {at} of epoch {state.epoch} (digest {state.next_batch}), but this worker's first "
