@@ -14,6 +14,10 @@ niceness Ray gives its workers (15), so other processes on the host slow both al
   the same order, so the two losses should agree within noise).
 * ``ratio_muon_compiled_vs_plain``: that compiled run against a plain loop with the same optimizer
   (:class:`MuonAdamW`, momentum schedule, clipping, Newton-Schulz compiled with the model).
+  ``cpu_cores_ray_worker`` / ``cpu_cores_plain``: the CPU cores each kept busy (process CPU seconds per
+  wall second, median window); ``ratio_tok_per_cpu_s_vs_plain``: the Ray worker's tokens per CPU second
+  over the plain loop's. The two split the Ray-vs-plain ratio: the CPU the rest of Ray took from the
+  worker (daemons, Train controller, data actors), and what the worker does per token beyond the loop.
 * ``ratio_zero{0,2}_vs_plain``: the Ray path (AdamW, ZeRO 0 and 2, compiled) against a plain loop on
   the same model, rows, batch, optimizer (torch's AdamW) and compile setting.
 * ``cpu_bf16_vs_fp32_plain`` (CPU only): the compiled plain AdamW loop in bf16 autocast vs fp32.
@@ -88,7 +92,8 @@ def plain_loop(model_config, rows, batch: int, steps: int, dtype, compiled: bool
     ``optimizer``: ``adamw`` (torch's, ``lr``) or ``muon_adamw`` (our recipe: the ``tiny`` preset's
     learning rates, Muon's momentum warm-up, Newton-Schulz compiled with the model). Returns
     ``tok_per_sec`` (median of the ``window``-step windows after the first, as the Ray figure) and
-    ``loss`` (the smoothed loss after the last step, as ``train/loss``)."""
+    ``loss`` (the smoothed loss after the last step, as ``train/loss``) and ``cpu_cores`` (this process's CPU
+    seconds per wall second, median of the same windows, as ``worker/cpu_cores``)."""
     import numpy as np
     import torch
 
@@ -119,14 +124,16 @@ def plain_loop(model_config, rows, batch: int, steps: int, dtype, compiled: bool
     x_all = torch.from_numpy(np.stack([r["inputs"] for r in rows])).long()
     y_all = torch.from_numpy(np.stack([r["targets"] for r in rows])).long()
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if dtype == torch.bfloat16 else nullcontext
-    ema, rates, t0 = EMA(0.9), [], time.perf_counter()
+    ema, rates, cores, t0, c0 = EMA(0.9), [], [], time.perf_counter(), time.process_time()
 
     def close_window(n: int) -> None:
-        nonlocal t0
+        nonlocal t0, c0
         if device.type == "cuda":
             torch.cuda.synchronize()
-        rates.append(n * batch * x_all.size(1) / (time.perf_counter() - t0))
-        t0 = time.perf_counter()
+        elapsed = time.perf_counter() - t0
+        rates.append(n * batch * x_all.size(1) / elapsed)
+        cores.append((time.process_time() - c0) / elapsed)
+        t0, c0 = time.perf_counter(), time.process_time()
 
     for step in range(steps):
         if step and step % window == 0:
@@ -142,7 +149,8 @@ def plain_loop(model_config, rows, batch: int, steps: int, dtype, compiled: bool
         opt.zero_grad(set_to_none=True)
         ema.update(loss.item())
     close_window(steps - (steps - 1) // window * window)
-    return {"tok_per_sec": statistics.median(rates[1:] or rates), "loss": ema.get()}
+    return {"tok_per_sec": statistics.median(rates[1:] or rates), "loss": ema.get(),
+            "cpu_cores": statistics.median(cores[1:] or cores)}
 
 
 def ray_path(rows, *, depth: int, seq: int, batch: int, head_dim: int, steps: int, dtype: str, zero_stage: int = 0,
@@ -173,6 +181,7 @@ def ray_path(rows, *, depth: int, seq: int, batch: int, head_dim: int, steps: in
         "tok_per_sec": statistics.median(x["train/tok_per_sec"] for x in windows),
         "data_wait_frac": statistics.mean(x["train/data_wait_frac"] for x in windows),
         "mfu": statistics.median(x["train/mfu"] for x in windows),
+        "cpu_cores": statistics.median(x["worker/cpu_cores"] for x in windows),
         "loss": records[-1]["train/loss"], "peak_rss_mb": max(x["worker/peak_rss_mb"] for x in records),
         "compiled": records[-1]["compile"],
     }
@@ -362,6 +371,9 @@ def single_sections(args, shape: dict, dtype_name: str, cuda: bool, base: Path) 
     def tps(name: str) -> float:
         return statistics.median(run["tok_per_sec"] for run in runs[name])
 
+    def median_of(name: str, key: str) -> float:
+        return statistics.median(run[key] for run in runs[name])
+
     def first(name: str, key: str):
         return runs[name][0][key]
 
@@ -378,6 +390,11 @@ def single_sections(args, shape: dict, dtype_name: str, cuda: bool, base: Path) 
         f"loss_after_{total}_compiled": round(first("ray_muon_compiled", "loss"), 4),
         "plain_muon_tok_per_sec": round(plain_muon, 1),
         "ratio_muon_compiled_vs_plain": round(compiled / plain_muon, 3),
+        "cpu_cores_ray_worker": round(median_of("ray_muon_compiled", "cpu_cores"), 3),
+        "cpu_cores_plain": round(median_of("plain_muon_compiled", "cpu_cores"), 3),
+        "ratio_tok_per_cpu_s_vs_plain": round(
+            (compiled / median_of("ray_muon_compiled", "cpu_cores"))
+            / (plain_muon / median_of("plain_muon_compiled", "cpu_cores")), 3),
         "plain_tok_per_sec": round(plain, 1),
         "ray_zero0_tok_per_sec": round(tps("ray_adamw_zero0"), 1), "ray_zero2_tok_per_sec": round(tps("ray_adamw_zero2"), 1),
         "ratio_zero0_vs_plain": round(tps("ray_adamw_zero0") / plain, 3),

@@ -19,6 +19,7 @@ TRAIN_GAUGES: dict[str, tuple[str, str]] = {
     "train/tok_per_sec": ("nanochat_train_tokens_per_second", "training throughput, all workers (tokens/s)"),
     "train/mfu": ("nanochat_train_mfu", "model FLOPs utilization (fraction of the device's peak)"),
     "train/data_wait_frac": ("nanochat_train_data_wait_fraction", "fraction of step time spent waiting for data"),
+    "worker/cpu_cores": ("nanochat_train_worker_cpu_cores", "CPU cores rank 0's worker process kept busy (CPU s per s)"),
     "val/bpb": ("nanochat_train_val_bpb", "validation bits per byte (pretraining)"),
     "val/loss": ("nanochat_train_val_loss", "validation loss (nats per token)"),
     "step": ("nanochat_train_step", "optimizer steps done"),

@@ -42,6 +42,7 @@ def test_two_workers_zero2_lower_the_loss_and_export_a_loadable_model(tokenizer_
     for key in ("train/loss", "train/lr_mult", "train/tok_per_sec", "train/mfu", "train/data_wait_frac",
                 "tokens_seen", "total_flops"):
         assert key in last
+    assert 0 < last["worker/cpu_cores"] <= (os.cpu_count() or 1) + 0.5  # rank 0's process, all its threads
     assert last["step"] == 12 and last["rows_consumed"] == 12 * ROWS_PER_STEP
     ckpt = load_checkpoint(result.checkpoint, expected_stage="base")
     assert ckpt.meta["step"] == 12 and result.checkpoint.endswith("base/t/step_000012")

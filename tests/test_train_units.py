@@ -10,7 +10,7 @@ import torch
 
 from nanochat.config import ConfigError, TrainSettings, load_preset
 from nanochat.losses import bits_per_byte, loss_nats_and_bytes
-from nanochat.train.metrics import EMA
+from nanochat.train.metrics import EMA, Throughput
 from nanochat.train.optim import MuonAdamW, dmodel_lr_scale, muon_adamw_groups, orthogonalize
 from nanochat.train.schedule import (
     BatchSizeError,
@@ -137,6 +137,19 @@ def test_ema_is_debiased():
     assert ema.update(3.0) == pytest.approx(3.0)
     ema.update(3.0)
     assert ema.get() == pytest.approx(3.0)
+
+
+def test_throughput_window_reads_the_cpu_the_process_used_not_the_wall_time():
+    import time
+
+    meter = Throughput()
+    time.sleep(0.3)
+    idle = meter.window()["cpu_cores"]
+    end = time.perf_counter() + 0.3
+    while time.perf_counter() < end:  # one thread busy
+        pass
+    busy = meter.window()["cpu_cores"]
+    assert idle < 0.1 and busy > max(0.2, 3 * idle)
 
 
 def test_greedy_samples_continue_each_prompt(tiny_model_factory, tiny_tokenizer):

@@ -89,9 +89,7 @@ def deepspeed_engine(model, settings: TrainSettings, dtype: torch.dtype, accum: 
     )
     remember_initial_lrs(optimizer)
     attach_zero(optimizer)  # Muon under ZeRO 1-3: where each matrix lies in the flat partitions
-    if settings.zero_stage == 0 and engine.dp_world_size == 1:
-        # Alone, DeepSpeed's gradient all-reduce only flattens every gradient into a buffer and copies it
-        # back (~5% of a tiny-model step on 2 CPU cores); there is nothing to average.
+    if settings.zero_stage == 0 and engine.dp_world_size == 1:  # its all-reduce would only copy every gradient twice
         engine.enable_backward_allreduce = False
     return engine, optimizer, client_opt
 
@@ -414,7 +412,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     "train/loss": ema.get(), "train/raw_loss": step_loss, "train/lr_mult": last_mult,
                     "train/tok_per_sec": window["tok_per_sec"] * world,
                     "train/mfu": window["tok_per_sec"] * flops_per_token / peak if peak else 0.0,
-                    "train/data_wait_frac": window["data_wait_frac"],
+                    "train/data_wait_frac": window["data_wait_frac"], "worker/cpu_cores": window["cpu_cores"],
                 })
             metrics.update({
                 "stage": stage, "step": step, "num_iterations": num_iterations, "time": time.time(),

@@ -107,13 +107,19 @@ class EMA:
 
 
 class Throughput:
-    """Wall time split into data waiting vs everything else, between two ``window()`` calls."""
+    """Wall time split into data waiting vs everything else, between two ``window()`` calls.
+
+    ``window()`` also gives ``cpu_cores``: this process's CPU seconds (every thread) per wall second
+    over the window. A CPU worker with ``n`` torch threads that gets the cores it asked for reads
+    close to ``n``; less means other processes on the node (Ray's own, data actors) took the rest.
+    """
 
     def __init__(self) -> None:
         self.reset()
 
     def reset(self) -> None:
         self.start = time.perf_counter()
+        self.cpu_start = time.process_time()
         self.data_wait = 0.0
         self.tokens = 0
 
@@ -122,7 +128,8 @@ class Throughput:
 
     def window(self) -> dict[str, float]:
         elapsed = max(time.perf_counter() - self.start, 1e-9)
-        out = {"elapsed": elapsed, "tok_per_sec": self.tokens / elapsed, "data_wait_frac": self.data_wait / elapsed}
+        out = {"elapsed": elapsed, "tok_per_sec": self.tokens / elapsed, "data_wait_frac": self.data_wait / elapsed,
+               "cpu_cores": (time.process_time() - self.cpu_start) / elapsed}
         self.reset()
         return out
 
