@@ -20,6 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
+from nanochat import losses
 from nanochat.config import model_dim_for_depth
 from nanochat.kv_cache import KVCache
 
@@ -219,8 +220,10 @@ class GPT(nn.Module):
     ) -> torch.Tensor:
         """Logits ``(B, T, vocab)`` in fp32 after the softcap, or the loss when ``targets`` is given.
 
-        Targets equal to -1 are ignored. With ``kv_cache`` the tokens continue each row's cached
-        sequence (row b of ``idx`` goes to slot b of the cache).
+        Targets equal to -1 are ignored. With grad enabled the loss is
+        :func:`nanochat.losses.softcap_cross_entropy` (same values, no fp32 logits kept for backward);
+        without, the reference ops (evaluation's per-token losses stay as they were). With ``kv_cache``
+        the tokens continue each row's cached sequence (row b of ``idx`` goes to slot b of the cache).
         """
         B, T = idx.shape
         if kv_cache is None:
@@ -244,9 +247,11 @@ class GPT(nn.Module):
         logits = self.lm_head(x)
         if logits.shape[-1] != self.config.vocab_size:
             logits = logits[..., : self.config.vocab_size]
+        cap = self.config.logit_softcap
+        if targets is not None and torch.is_grad_enabled():  # training: a loss that keeps no fp32 logits
+            return losses.softcap_cross_entropy(logits, targets, cap, loss_reduction)
         if logits.dtype != torch.float32:
             logits = logits.float()
-        cap = self.config.logit_softcap
         if torch.is_grad_enabled():
             logits = cap * torch.tanh(logits / cap)
         else:  # inference: the same ops in place (the head's output is ours to overwrite)

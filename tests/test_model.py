@@ -230,3 +230,82 @@ def test_reference_init_zeroes_head_and_residual_projections():
 def test_invalid_head_layout_is_rejected():
     with pytest.raises(ValueError, match="n_head"):
         build_model(GPTConfig(sequence_len=16, vocab_size=64, n_layer=1, n_head=4, n_kv_head=3, n_embd=32))
+
+
+# ---- the training loss ------------------------------------------------------------------------
+
+
+def _losses_and_grads(model: GPT, loss_fn, weight: torch.Tensor, bf16: bool):
+    model.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        loss = loss_fn()
+    (loss * weight).sum().backward()
+    return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16-autocast"])
+def test_training_loss_equals_nanochats_formula_in_values_and_gradients(reduction, bf16):
+    """With targets and grad on, the model's fused loss gives nanochat's F.cross_entropy over the fp32
+    softcapped logits (10231df GPT.forward): the same values and the same gradient in every parameter,
+    ignored targets included, on a padded vocab (the logits are a slice) with logits past the cap."""
+    torch.manual_seed(0)
+    model = build_model(GPTConfig(sequence_len=32, vocab_size=300, n_layer=2, n_head=2, n_kv_head=2, n_embd=32))
+    with torch.no_grad():
+        for block in model.transformer.h:  # zero at init: every weight gets a gradient to compare
+            block.attn.c_proj.weight.normal_(0, 0.1)
+            block.mlp.c_proj.weight.normal_(0, 0.1)
+        model.lm_head.weight.normal_(0, 4.0)  # logits well past +-15: the softcap and its gradient matter
+    idx = torch.randint(0, 300, (3, 16))
+    targets = torch.randint(0, 300, (3, 16))
+    targets[0, :5] = -1
+    targets[2, 7] = -1
+    weight = torch.rand(targets.numel()) if reduction == "none" else torch.tensor(1.7)
+
+    def reference():
+        logits = model(idx)  # grad on: the fp32 softcapped logits, not in place
+        return F.cross_entropy(logits.view(-1, 300), targets.view(-1), ignore_index=-1, reduction=reduction)
+
+    got, got_grads = _losses_and_grads(model, lambda: model(idx, targets, loss_reduction=reduction), weight, bf16)
+    want, want_grads = _losses_and_grads(model, reference, weight, bf16)
+    assert got.dtype == want.dtype == torch.float32 and got.shape == want.shape
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    if reduction == "none":
+        assert (got.view(3, 16)[targets == -1] == 0).all()
+    for name, grad in want_grads.items():
+        scale = grad.abs().max().item()
+        assert scale > 0, name
+        # bf16: the logits' gradient is rounded to bf16 once in both (at most an ulp apart, 2^-8)
+        tol = 4e-3 * scale if bf16 else 1e-5 * scale
+        torch.testing.assert_close(got_grads[name], grad, rtol=0, atol=tol, msg=name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("reduction", ["mean", "none", "sum"])
+def test_softcap_cross_entropy_compiles_whole_and_equals_the_reference(dtype, reduction):
+    """One graph under torch.compile (fullgraph, dynamic=False as in training), the reference's values and
+    gradient compiled and eager; a mean over no target is NaN, as F.cross_entropy gives."""
+    from nanochat.losses import softcap_cross_entropy, softcap_cross_entropy_reference
+
+    gen = torch.Generator().manual_seed(0)
+    logits = (torch.randn(4, 8, 192, generator=gen) * 30).to(dtype)
+    targets = torch.randint(0, 192, (4, 8), generator=gen)
+    targets[1] = -1
+    weight = torch.rand(32, generator=gen) if reduction == "none" else torch.tensor(0.3)
+    compiled = torch.compile(softcap_cross_entropy, fullgraph=True, dynamic=False)
+    results = []
+    for fn in (softcap_cross_entropy_reference, softcap_cross_entropy, compiled):
+        x = logits.clone().requires_grad_(True)
+        loss = fn(x, targets, 15.0, reduction)
+        (loss * weight).sum().backward()
+        results.append((loss.detach(), x.grad))
+    (want, want_grad), rest = results[0], results[1:]
+    for got, grad in rest:
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+        assert grad.dtype == dtype
+        torch.testing.assert_close(grad.float(), want_grad.float(), rtol=0,
+                                   atol=(1e-2 if dtype == torch.bfloat16 else 1e-6) * want_grad.abs().max().item())
+    none = torch.full((2, 3), -1)
+    assert softcap_cross_entropy(logits[:2, :3].requires_grad_(True), none, 15.0).isnan()
+    with pytest.raises(ValueError, match="reduction"):
+        softcap_cross_entropy(logits, targets, 15.0, "max")
