@@ -368,11 +368,11 @@ def single_sections(args, shape: dict, dtype_name: str, cuda: bool, base: Path) 
         for spec in specs[r % len(specs):] + specs[:r % len(specs)]:
             runs[spec["name"]].append(measure(spec, base))
 
-    def tps(name: str) -> float:
-        return statistics.median(run["tok_per_sec"] for run in runs[name])
-
     def median_of(name: str, key: str) -> float:
         return statistics.median(run[key] for run in runs[name])
+
+    def tps(name: str) -> float:
+        return median_of(name, "tok_per_sec")
 
     def first(name: str, key: str):
         return runs[name][0][key]
@@ -399,8 +399,8 @@ def single_sections(args, shape: dict, dtype_name: str, cuda: bool, base: Path) 
         "ray_zero0_tok_per_sec": round(tps("ray_adamw_zero0"), 1), "ray_zero2_tok_per_sec": round(tps("ray_adamw_zero2"), 1),
         "ratio_zero0_vs_plain": round(tps("ray_adamw_zero0") / plain, 3),
         "ratio_zero2_vs_plain": round(tps("ray_adamw_zero2") / plain, 3),
-        "data_wait_frac_compiled": round(statistics.median(r["data_wait_frac"] for r in runs["ray_muon_compiled"]), 4),
-        "mfu_compiled": round(statistics.median(r["mfu"] for r in runs["ray_muon_compiled"]), 4),
+        "data_wait_frac_compiled": round(median_of("ray_muon_compiled", "data_wait_frac"), 4),
+        "mfu_compiled": round(median_of("ray_muon_compiled", "mfu"), 4),
         "compile_worked": all(bool(r["compiled"]) for r in runs["ray_muon_compiled"]),
         "peak_rss_mb": {"tiny_eager": first("ray_muon_eager", "peak_rss_mb"),
                         "tiny_compiled": first("ray_muon_compiled", "peak_rss_mb")},
